@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+JOBS ?= 2
+
+.PHONY: install generate check-generated run demo test test-gpu bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints-cpu.txt -e '.[test]'
+	touch $@
+
+generate: install
+	$(PY) -m nsa_codegen generate
+
+# CI: regenerate, then fail if the committed generated/ differs.
+check-generated: generate
+	git diff --exit-code --stat generated/
+	@test -z "$$(git status --porcelain generated/)" || { git status --porcelain generated/; exit 1; }
+
+run: generate
+	$(PY) -m nsa_codegen demo
+
+demo: run
+
+test: install
+	$(PY) -m pytest -n $(JOBS) -q
+
+# On a CUDA machine (the H200): the GPU lane.
+test-gpu:
+	$(PYTHON) -m pytest -m gpu -q
+
+bench:
+	$(PYTHON) -m nsa_codegen bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,67 @@
+"""`python -m nsa_codegen generate|list|cache|bench|demo`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _generate(args) -> int:
+    from .render import GENERATED_DIR, generate
+    from .variants import default_variants
+
+    result = generate(default_variants(), GENERATED_DIR)
+    print(f"{result['total']} variants in {GENERATED_DIR}: {len(result['changed'])} files written, "
+          f"{len(result['removed'])} stale files removed")
+    for name in result["changed"] + result["removed"]:
+        print(f"  {name}")
+    return 0
+
+
+def _list(args) -> int:
+    from .variants import default_variants
+
+    for spec in default_variants():
+        print(spec.name, spec.key)
+    return 0
+
+
+def _cache(args) -> int:
+    from . import cache
+
+    if args.action == "clear":
+        print(f"removed {cache.clear()} entries from {cache.cache_dir()}")
+    else:
+        print(cache.cache_dir())
+    return 0
+
+
+def _bench(args) -> int:
+    try:
+        from benchmarks.bench import main as bench_main
+    except ImportError as exc:  # benchmarks/ lives in the repository, not in the wheel
+        print(f"benchmarks need a source checkout (run from the repository root): {exc}", file=sys.stderr)
+        return 2
+    return bench_main(args.rest)
+
+
+def _demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nsa_codegen")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("generate", help="render the default variant grid into generated/").set_defaults(fn=_generate)
+    sub.add_parser("list", help="list the default variant grid").set_defaults(fn=_list)
+    cache_p = sub.add_parser("cache", help="show or clear the user render cache")
+    cache_p.add_argument("action", nargs="?", choices=("path", "clear"), default="path")
+    cache_p.set_defaults(fn=_cache)
+    bench_p = sub.add_parser("bench", help="run benchmarks/bench.py (GPU)")
+    bench_p.add_argument("rest", nargs=argparse.REMAINDER)
+    bench_p.set_defaults(fn=_bench)
+    sub.add_parser("demo", help="run SparseAttention on CPU and print shapes, time and paths").set_defaults(fn=_demo)
+    args = parser.parse_args(argv)
+    return args.fn(args)
