@@ -80,7 +80,7 @@ def _render_into_cache(spec: VariantSpec) -> Path:
 
 def shipped_path(spec: VariantSpec) -> Path | None:
     """The committed generated/ file, if it exists and was rendered from the current templates."""
-    path = _render.generated_path(spec)
+    path = _render.generated_path(spec, _render.GENERATED_DIR)
     if path.is_file() and _render.read_header_sha(path) == _render.template_sha256(spec.template):
         return path
     return None

@@ -70,10 +70,17 @@ def header_for(spec: VariantSpec, configs: list[dict], dropped: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
-def render(spec: VariantSpec) -> str:
-    from .resources import tile_configs  # the resource model is only needed when rendering
+def _tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
+    # the resource models are only needed when rendering, never on the per-call path
+    if spec.family.startswith("select"):
+        from .resources import tile_configs
+    else:  # dense-tile families (sliding window, compressed attention)
+        from .resources_dense import tile_configs
+    return tile_configs(spec)
 
-    configs, dropped = tile_configs(spec)
+
+def render(spec: VariantSpec) -> str:
+    configs, dropped = _tile_configs(spec)
     if not configs:
         raise ValueError(f"{spec.name}: no tile config fits the resource model; dropped: {dropped}")
     template = _environment().get_template(spec.template)

@@ -10,21 +10,32 @@ from dataclasses import asdict, dataclass
 
 GENERATOR_VERSION = "0.1.0"
 
-FAMILIES = ("select_fwd", "select_bwd")
+# family -> whether the selection block size is one of its structural parameters
+FAMILIES = {
+    "select_fwd": True,  # attention over each query's selected key blocks (spec section 5)
+    "select_bwd": True,
+    "window_fwd": False,  # sliding-window attention (spec section 6); W is a runtime argument
+    "window_bwd": False,
+    "cmp_fwd": False,  # attention over [memory; compressed] keys (spec section 2)
+    "cmp_bwd": False,
+}
 
 
 @dataclass(frozen=True)
 class VariantSpec:
     family: str  # kernel family; one template per family: templates/<family>.py.j2
-    block_size: int  # selection block size l'
+    block_size: int  # selection block size l' (0 for families without one)
     group: int  # query heads packed per program: G for shared selection, 1 for unshared
     causal: bool  # causal adds the own-block diagonal with its intra-block mask
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+            raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {self.family!r}")
+        if FAMILIES[self.family]:
+            if not isinstance(self.block_size, int) or self.block_size < 1:
+                raise ValueError(f"block_size must be a positive int for {self.family}, got {self.block_size!r}")
+        elif self.block_size != 0:
+            raise ValueError(f"block_size must be 0 for {self.family} (not a parameter of it), got {self.block_size!r}")
         if not isinstance(self.group, int) or self.group < 1:
             raise ValueError(f"group must be a positive int, got {self.group!r}")
         if not isinstance(self.causal, bool):
@@ -32,9 +43,10 @@ class VariantSpec:
 
     @property
     def name(self) -> str:
-        """Readable and unique: select_fwd_bs64_g16_causal."""
+        """Readable and unique: select_fwd_bs64_g16_causal, window_fwd_g4_noncausal."""
         mode = "causal" if self.causal else "noncausal"
-        return f"{self.family}_bs{self.block_size}_g{self.group}_{mode}"
+        block = f"_bs{self.block_size}" if self.block_size else ""
+        return f"{self.family}{block}_g{self.group}_{mode}"
 
     @property
     def key(self) -> str:
@@ -53,11 +65,15 @@ class VariantSpec:
     def from_name(cls, name: str) -> "VariantSpec":
         """Inverse of `name`, e.g. for `python -m nsa_codegen cache show select_fwd_bs64_g16_causal`."""
         try:
-            head, bs, g, mode = name.rsplit("_", 3)
-            if not (bs.startswith("bs") and g.startswith("g") and mode in ("causal", "noncausal")):
+            head, g, mode = name.rsplit("_", 2)
+            block_size = 0
+            if head.rsplit("_", 1)[-1].startswith("bs"):
+                head, bs = head.rsplit("_", 1)
+                block_size = int(bs[2:])
+            if not (g.startswith("g") and mode in ("causal", "noncausal")):
                 raise ValueError
-            return cls(head, int(bs[2:]), int(g[1:]), mode == "causal")
+            return cls(head, block_size, int(g[1:]), mode == "causal")
         except ValueError:
             raise ValueError(
-                f"not a variant name: {name!r} (expected <family>_bs<l'>_g<G>_<causal|noncausal>)"
+                f"not a variant name: {name!r} (expected <family>[_bs<l'>]_g<G>_<causal|noncausal>)"
             ) from None
