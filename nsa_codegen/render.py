@@ -74,6 +74,8 @@ def _tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
     # the resource models are only needed when rendering, never on the per-call path
     if spec.family.startswith("select"):
         from .resources import tile_configs
+    elif spec.family.startswith("topk"):
+        from .resources_topk import tile_configs
     else:  # dense-tile families (sliding window, compressed attention)
         from .resources_dense import tile_configs
     return tile_configs(spec)

@@ -18,6 +18,8 @@ FAMILIES = {
     "window_bwd": False,
     "cmp_fwd": False,  # attention over [memory; compressed] keys (spec section 2)
     "cmp_bwd": False,
+    "topk_fwd": True,  # fused importance scores + top-k block selection (spec section 4)
+    "topk_bwd": True,
 }
 
 
