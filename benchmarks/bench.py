@@ -1,0 +1,1161 @@
+"""NSA benchmark suite: our generated kernels against the anchors, in one process on one GPU.
+
+    python -m nsa_codegen bench [--quick] [--budget SECONDS] [--out DIR] [--no-plot]
+
+What is timed (bf16, b=1, H=64, K=4 so G=16, d=128, l=32, s=16, l'=64, k=16, W=512):
+
+- section ``selected``: the selected-block branch (spec section 5), forward and forward+backward, at
+  n in {4k, 8k, 16k, 32k, 64k}, for
+    ours         nsa_codegen.ops.selected_attention (generated Triton kernels)
+    fla          fla-core 0.6.0 ``fla.ops.nsa.parallel_nsa`` with the same block indices
+    nsa_pytorch  native-sparse-attention-pytorch 0.2.3 Triton ``native_sparse_attend``
+    flex         torch FlexAttention, a BlockMask expressing the same selection (if it compiles in time)
+    sdpa_flash / sdpa_cudnn   dense causal SDPA (k/v expanded to all heads before timing)
+  Every implementation that takes indices gets the same selection, generated once per (n, K): for
+  query i and kv head h, kk=16 distinct blocks drawn uniformly from the blocks strictly before i's own
+  block (fewer when fewer exist; the rest invalid), plus the own block i // l' restricted to j <= i,
+  which the causal kernels include themselves (fla gets it as an explicit extra index).
+- section ``gqa``: the selected branch at n=32k, H=64, G in {1, 2, 4, 8, 16} (K = 64 / G).
+- section ``layer``: the whole layer's functional core without projections (compress MLP + compressed
+  attention + importance/top-k + selected + sliding window + gated combine) via
+  ``nsa_codegen.reference.nsa_attention``; each row says which branches ran on kernels and which ran
+  the pure-PyTorch reference. Plus fla's parallel_nsa compression + top-k + selection path.
+
+Timing: CUDA events. Calls under ~40 ms go through ``triton.testing.do_bench`` (median and 20/80
+quantiles, L2 flushed before each call); longer calls use the same method by hand (events around each
+call, L2 flushed between calls, at least 3 samples) because do_bench's 5-call estimate would cost
+more than the measurement. Every call cycles through ``--rotate`` independent input sets. The first
+call (compilation, autotuning) is timed separately as ``first_call_s``. A failure of any
+implementation is recorded with its error string; a row skipped for the time budget says so.
+
+Output: ``<out>/bench_<gpu>_<utc>.json`` (+ PNG plots via benchmarks/plot.py).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+CONFIG = dict(b=1, H=64, K=4, d=128, compress_block_size=32, stride=16, selection_block_size=64,
+              num_selected=16, window=512, num_mem=1, dtype="bfloat16", causal=True)
+FULL_NS = [4096, 8192, 16384, 32768, 65536]
+QUICK_NS = [4096, 16384]
+GQA_GS = [1, 2, 4, 8, 16]
+SECTIONS = ("check", "selected", "gqa", "layer", "flex")
+
+LABELS = {
+    "ours": "ours: nsa_codegen generated Triton",
+    "fla": "fla-core parallel_nsa (Triton)",
+    "nsa_pytorch": "native-sparse-attention-pytorch 0.2.3 native_sparse_attend (Triton)",
+    "flex": "torch FlexAttention (BlockMask of the same selection)",
+    "sdpa_flash": "dense causal SDPA, FLASH backend",
+    "sdpa_cudnn": "dense causal SDPA, CUDNN backend",
+    "reference": "nsa_codegen.reference (pure PyTorch)",
+    "layer_ours": "layer core: selected on our kernel, cmp/top-k/sliding on the PyTorch reference",
+    "layer_reference": "layer core: every branch on the PyTorch reference",
+    "fla_layer": "fla parallel_nsa: compression + top-k + selected (no sliding: flash_attn absent)",
+}
+
+
+def _short_err(exc: BaseException, limit: int = 600) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(seconds: int):
+    """Context manager: raise _Timeout in the main thread after `seconds` (SIGALRM)."""
+    class _Ctx:
+        def __enter__(self):
+            self.old = signal.signal(signal.SIGALRM, self._fire)
+            signal.alarm(max(1, int(seconds)))
+            return self
+
+        @staticmethod
+        def _fire(signum, frame):
+            raise _Timeout(f"did not finish within {int(seconds)} s")
+
+        def __exit__(self, *exc):
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, self.old)
+            return False
+    return _Ctx()
+
+
+# ------------------------------------------------------------------------------------------------
+# the bench state
+
+
+class Bench:
+    def __init__(self, args):
+        import torch
+
+        self.torch = torch
+        self.args = args
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + args.budget
+        self.rows: list[dict] = []
+        self.notes: list[str] = []
+        self.dev = torch.device(args.device)
+        self.cuda = self.dev.type == "cuda"
+        self.dtype = torch.bfloat16
+        self.cost: dict = {}  # (impl, mode, section) -> (n, seconds one call) for budget projection
+        self.flex_dead: str | None = None
+        self.ops = None
+        self.ops_error = None
+        self._l2 = None
+
+    # -- time --------------------------------------------------------------------------------------
+    def remaining(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def log(self, msg: str):
+        print(f"[{self.elapsed():7.1f}s] {msg}", flush=True)
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def _flush_l2(self):
+        if not self.cuda:
+            return
+        if self._l2 is None:
+            self._l2 = self.torch.empty(int(256e6) // 4, dtype=self.torch.int32, device=self.dev)
+        self._l2.zero_()
+
+    def measure(self, fn, phase_deadline: float) -> dict:
+        """First call (compile/autotune), then median and 20/80 quantiles with CUDA events."""
+        torch = self.torch
+        import triton.testing
+
+        self.sync()
+        t = time.perf_counter()
+        fn()
+        self.sync()
+        first = time.perf_counter() - t
+        if not self.cuda:  # --device cpu: a smoke test of the harness, host timer
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+            times.sort()
+            return dict(ms=times[1], ms_p20=times[0], ms_p80=times[2], samples=3, method="cpu-host-timer",
+                        first_call_s=first)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._flush_l2()
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        est = s.elapsed_time(e)  # ms
+        left = max(0.0, phase_deadline - time.perf_counter())
+        if est < 40.0:
+            rep = 200.0 if not self.args.quick else 80.0
+            rep = min(rep, max(10.0 * est, left * 1000 * 0.05))
+            q = triton.testing.do_bench(fn, warmup=max(5.0, min(25.0, 3 * est)), rep=rep,
+                                        quantiles=[0.5, 0.2, 0.8])
+            n_est = max(1, int(rep / max(est, 1e-3)))
+            return dict(ms=q[0], ms_p20=q[1], ms_p80=q[2], samples=n_est, method="do_bench",
+                        first_call_s=first)
+        nsamp = int(min(10, max(3, (left * 1000 * 0.1) / est)))
+        times = []
+        for _ in range(nsamp):
+            self._flush_l2()
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        times.sort()
+        qt = torch.tensor(times, dtype=torch.float64)
+        return dict(ms=float(qt.quantile(0.5)), ms_p20=float(qt.quantile(0.2)),
+                    ms_p80=float(qt.quantile(0.8)), samples=nsamp, method="events",
+                    first_call_s=first)
+
+    def projected_s(self, impl: str, mode: str, section: str, n: int, power: float) -> float | None:
+        key = (impl, mode, section)
+        if key not in self.cost:
+            return None
+        n0, sec0 = self.cost[key]
+        return sec0 * (n / n0) ** power
+
+    def add(self, row: dict):
+        self.rows.append(row)
+        st = row["status"]
+        if st == "ok":
+            extra = f" {row['tflops']:.1f} TFLOP/s" if row.get("tflops") else ""
+            self.log(f"{row['section']:8s} {row['impl']:16s} n={row['n']:6d} G={row['G']:2d} "
+                     f"{row['mode']:6s} {row['ms']:10.3f} ms [{row['ms_p20']:.3f}, {row['ms_p80']:.3f}]"
+                     f"{extra} first={row['first_call_s']:.1f}s")
+        else:
+            self.log(f"{row['section']:8s} {row['impl']:16s} n={row['n']:6d} G={row['G']:2d} "
+                     f"{row['mode']:6s} {st.upper()}: {row.get('error', '')[:300]}")
+
+    def run_row(self, *, section, impl, n, G, mode, make_fn, flops=None, bytes_unique=None,
+                bytes_gathered=None, phase_deadline, power=1.0, extra=None, label=None):
+        """make_fn() -> zero-arg callable (one timed call); errors anywhere are recorded."""
+        torch = self.torch
+        H = self.args.H
+        row = dict(section=section, impl=impl, label=label or LABELS.get(impl, impl), n=n, G=G, H=H,
+                   K=H // G, mode=mode, status="ok")
+        if extra:
+            row.update(extra)
+        proj = self.projected_s(impl, mode, section, n, power)
+        left = min(phase_deadline, self.deadline) - time.perf_counter()
+        if left < 3.0 or (proj is not None and proj * 6 > left):
+            row.update(status="skipped", error=f"time budget: {left:.0f} s left in this phase"
+                       + (f", projected {proj * 6:.0f} s for this row" if proj is not None else ""))
+            self.add(row)
+            return row
+        fn = None
+        try:
+            fn = make_fn()
+            r = self.measure(fn, min(phase_deadline, self.deadline))
+            row.update(r)
+            self.cost[(impl, mode, section)] = (n, r["ms"] / 1000.0 + r["first_call_s"] / 6)
+            if flops:
+                row["flops"] = flops
+                row["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
+            if bytes_unique:
+                row["bytes_unique"] = bytes_unique
+                row["gbps_unique"] = bytes_unique / (r["ms"] * 1e-3) / 1e9
+            if bytes_gathered:
+                row["bytes_gathered"] = bytes_gathered
+                row["gbps_gathered"] = bytes_gathered / (r["ms"] * 1e-3) / 1e9
+        except _Timeout as exc:
+            row.update(status="error", error=_short_err(exc))
+        except NotImplementedError as exc:
+            row.update(status="unsupported", error=_short_err(exc))
+        except AssertionError as exc:
+            msg = _short_err(exc)
+            row.update(status="unsupported" if ("must be" in msg or "support" in msg) else "error",
+                       error=msg)
+        except Exception as exc:  # noqa: BLE001 - every failure is a result
+            row.update(status="error", error=_short_err(exc))
+            if self.args.verbose:
+                traceback.print_exc()
+        finally:
+            del fn
+            gc.collect()
+            if self.cuda:
+                torch.cuda.empty_cache()
+        self.add(row)
+        return row
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_selection(torch, n, Hs, kk, l, seed, device):
+    """block_idx (1, n, Hs, kk) int32 ascending, block_valid bool: kk distinct blocks strictly before
+    the query's own block, drawn uniformly (valid slots first; invalid slots hold index 0)."""
+    nb = -(-n // l)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    idx = torch.empty((1, n, Hs, kk), dtype=torch.int32, device=device)
+    valid = torch.empty((1, n, Hs, kk), dtype=torch.bool, device=device)
+    chunk = max(1, (1 << 26) // max(1, Hs * nb))
+    ar = torch.arange(nb, device=device)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        own = torch.arange(c0, c1, device=device) // l
+        r = torch.rand((c1 - c0, Hs, nb), generator=gen, device=device)
+        r.masked_fill_(ar[None, None, :] >= own[:, None, None], -1.0)
+        k_eff = min(kk, nb)
+        vals, ind = r.topk(k_eff, dim=-1)
+        ok = vals >= 0
+        key = torch.where(ok, ind, nb + 1)
+        key, _ = key.sort(dim=-1)
+        ok = key <= nb
+        ind = torch.where(ok, key, 0)
+        if k_eff < kk:
+            pad = kk - k_eff
+            ind = torch.cat([ind, ind.new_zeros((c1 - c0, Hs, pad))], -1)
+            ok = torch.cat([ok, ok.new_zeros((c1 - c0, Hs, pad))], -1)
+        idx[0, c0:c1] = ind.to(torch.int32)
+        valid[0, c0:c1] = ok
+    return idx, valid
+
+
+def selection_work(torch, valid, l, G):
+    """Number of (query head, key) pairs the selected branch computes (own block incl.)."""
+    n = valid.shape[1]
+    nsel = valid.sum(dim=-1).to(torch.float64)  # (1, n, Hs)
+    own = (torch.arange(n, device=valid.device) % l + 1).to(torch.float64)
+    pairs = (nsel * l + own[None, :, None]).sum() * G
+    return float(pairs), float(nsel.mean())
+
+
+class Inputs:
+    """R independent sets of (q, k, v, do) for one (n, H, K) shape."""
+
+    def __init__(self, torch, n, H, K, d, R, device, dtype, seed):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        self.sets = []
+        for _ in range(R):
+            q = torch.randn((1, n, H, d), generator=g, device=device, dtype=dtype)
+            k = torch.randn((1, n, K, d), generator=g, device=device, dtype=dtype)
+            v = torch.randn((1, n, K, d), generator=g, device=device, dtype=dtype)
+            do = torch.randn((1, n, H, d), generator=g, device=device, dtype=dtype)
+            self.sets.append((q, k, v, do))
+        self.i = 0
+
+    def cycle(self, prepared):
+        """Returns next() over per-set prepared tuples."""
+        state = {"i": 0}
+
+        def nxt():
+            x = prepared[state["i"] % len(prepared)]
+            state["i"] += 1
+            return x
+        return nxt
+
+
+def _fwd_or_fwdbwd(torch, mode, fwd, nxt, grad_idx, bhnd=False):
+    """Build the timed callable: fwd under no_grad, or fwd + autograd.grad w.r.t. grad_idx inputs.
+    mode 'out': one forward on the next set, returned in (b, n, h, d) (for the correctness check)."""
+    if mode == "out":
+        def call():
+            args = nxt()
+            with torch.no_grad():
+                o = fwd(*args[:-1])
+            return o.transpose(1, 2) if bhnd else o
+        return call
+    if mode == "fwd":
+        def call():
+            args = nxt()
+            with torch.no_grad():
+                fwd(*args[:-1])
+        return call
+
+    def call():
+        args = nxt()
+        out = fwd(*args[:-1])
+        torch.autograd.grad(out, [args[i] for i in grad_idx], args[-1])
+    return call
+
+
+# ------------------------------------------------------------------------------------------------
+# implementations of the selected branch. Each prepare(...) returns a timed callable or raises.
+
+
+def impl_ours(bench, inp, sel, mode, scale, l):
+    torch = bench.torch
+    if bench.ops is None:
+        raise RuntimeError(f"nsa_codegen.ops not importable: {bench.ops_error}")
+    idx, valid = sel
+    op = bench.ops.selected_attention
+    prepared = []
+    for q, k, v, do in inp.sets:
+        rg = mode == "fwdbwd"
+        prepared.append((q.detach().requires_grad_(rg), k.detach().requires_grad_(rg),
+                         v.detach().requires_grad_(rg), do))
+
+    def fwd(q, k, v):
+        return op(q, k, v, idx, valid, None, block_size=l, causal=True, scale=scale)
+    return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2))
+
+
+def impl_reference(bench, inp, sel, mode, scale, l):
+    torch = bench.torch
+    from nsa_codegen import reference as ref
+
+    idx, valid = sel
+    prepared = []
+    for q, k, v, do in inp.sets:
+        rg = mode == "fwdbwd"
+        prepared.append((q.detach().requires_grad_(rg), k.detach().requires_grad_(rg),
+                         v.detach().requires_grad_(rg), do))
+
+    def fwd(q, k, v):
+        return ref.selected_attention(q, k, v, idx, valid, None, block_size=l, causal=True, scale=scale)
+    return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2))
+
+
+def fla_indices(torch, sel, l):
+    """fla wants block_indices (B, T, H_kv, S) with S a power of two (it builds tl.arange(0, S)):
+    the valid selected blocks, then the own block, then -1; block_counts (B, T, H_kv) = valid + 1."""
+    idx, valid = sel
+    _, n, Hs, kk = idx.shape
+    S = 1 << (kk + 1 - 1).bit_length()
+    nvalid = valid.sum(-1)  # (1, n, Hs)
+    own = (torch.arange(n, device=idx.device) // l).view(1, n, 1).expand(1, n, Hs)
+    out = torch.full((1, n, Hs, S), -1, dtype=torch.long, device=idx.device)
+    out[..., :kk] = torch.where(valid, idx.long(), -1)
+    out.scatter_(-1, nvalid.unsqueeze(-1).long(), own.unsqueeze(-1).long())
+    counts = (nvalid + 1).long()
+    return out.contiguous(), counts.contiguous()
+
+
+def impl_fla(bench, inp, sel, mode, scale, l):
+    torch = bench.torch
+    from fla.ops.nsa import parallel_nsa
+
+    bi, bc = fla_indices(torch, sel, l)
+    prepared = []
+    for q, k, v, do in inp.sets:
+        rg = mode == "fwdbwd"
+        prepared.append((q.detach().requires_grad_(rg), k.detach().requires_grad_(rg),
+                         v.detach().requires_grad_(rg), do))
+
+    def fwd(q, k, v):
+        return parallel_nsa(q, k, v, block_indices=bi, block_counts=bc, block_size=l, scale=scale)
+    return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2))
+
+
+def impl_nsa_pytorch(bench, inp, sel, mode, scale, l):
+    torch = bench.torch
+    from native_sparse_attention_pytorch.triton_native_sparse_attention import native_sparse_attend
+
+    idx, valid = sel
+    bi = idx.long().permute(0, 2, 1, 3).contiguous()  # (1, Hs, n, kk)
+    bm = valid.permute(0, 2, 1, 3).contiguous()
+    prepared = []
+    for q, k, v, do in inp.sets:  # its native layout (b, h, n, d), converted outside the timing
+        rg = mode == "fwdbwd"
+        prepared.append((q.transpose(1, 2).contiguous().requires_grad_(rg),
+                         k.transpose(1, 2).contiguous().requires_grad_(rg),
+                         v.transpose(1, 2).contiguous().requires_grad_(rg),
+                         do.transpose(1, 2).contiguous()))
+
+    def fwd(q, k, v):  # its softmax scale is fixed to d ** -0.5, the same as ours
+        return native_sparse_attend(q, k, v, l, bi, bm, include_block_causal=True)
+    return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2), bhnd=True)
+
+
+def impl_sdpa(backend_name):
+    def impl(bench, inp, sel, mode, scale, l):
+        torch = bench.torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+        prepared = []
+        for q, k, v, do in inp.sets:  # k/v expanded to all heads before timing
+            G = q.shape[2] // k.shape[2]
+            rg = mode == "fwdbwd"
+            prepared.append((q.detach().requires_grad_(rg),
+                             k.repeat_interleave(G, dim=2).requires_grad_(rg),
+                             v.repeat_interleave(G, dim=2).requires_grad_(rg), do))
+
+        def fwd(q, k, v):
+            with sdpa_kernel([backend]):
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                   v.transpose(1, 2), is_causal=True, scale=scale)
+            return o.transpose(1, 2)
+        return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2))
+    return impl
+
+
+def flex_block_mask(torch, sel, n, H, l, device, qblock=128):
+    """A BlockMask for the same selection: per (kv head, 128-query block) the union of the blocks its
+    tokens select (plus their own blocks), and a mask_mod checking the exact per-token selection."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    idx, valid = sel
+    _, _, Hs, kk = idx.shape
+    G = H // Hs
+    nb = -(-n // l)
+    own = (torch.arange(n, device=device) // l).view(1, n, 1, 1).expand(1, n, Hs, 1)
+    allidx = torch.cat([torch.where(valid, idx.long(), own.long()), own.long()], -1)[0]  # (n, Hs, kk+1)
+    table = torch.zeros((Hs, n, nb), dtype=torch.bool, device=device)
+    table.scatter_(2, allidx.permute(1, 0, 2), True)
+    nq, nkv = -(-n // qblock), -(-n // qblock)
+    kvb = (allidx * l) // qblock  # (n, Hs, kk+1) 128-key block
+    qb = torch.arange(n, device=device) // qblock
+    dense = torch.zeros((Hs, nq * nkv), dtype=torch.bool, device=device)
+    flat = (qb.view(n, 1, 1) * nkv + kvb).permute(1, 0, 2).reshape(Hs, -1)
+    dense.scatter_(1, flat, True)
+    dense = dense.view(Hs, nq, nkv)
+    num = dense.sum(-1).to(torch.int32)
+    order = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    num = num.repeat_interleave(G, dim=0).unsqueeze(0).contiguous()
+    order = order.repeat_interleave(G, dim=0).unsqueeze(0).contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return table[h // G, q_idx, kv_idx // l] & (kv_idx <= q_idx)
+
+    bm = BlockMask.from_kv_blocks(num, order, BLOCK_SIZE=qblock, mask_mod=mask_mod, seq_lengths=(n, n))
+    density = float(num.float().sum() / (H * nq * (nq + 1) / 2))
+    return bm, density
+
+
+def impl_flex(bench, inp, sel, mode, scale, l):
+    torch = bench.torch
+    if bench.flex_dead:
+        raise RuntimeError(f"not attempted: {bench.flex_dead}")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q0 = inp.sets[0][0]
+    n, H = q0.shape[1], q0.shape[2]
+    bm, density = flex_block_mask(torch, sel, n, H, l, q0.device)
+    bench.notes.append(f"flex n={n}: BlockMask keeps {density:.3f} of the causal 128x128 tiles "
+                       f"(union over each 128-query block of its tokens' selections)")
+    if not hasattr(bench, "_flex_compiled"):
+        bench._flex_compiled = torch.compile(flex_attention, dynamic=False)
+    flex = bench._flex_compiled
+    prepared = []
+    for q, k, v, do in inp.sets:
+        rg = mode == "fwdbwd"
+        prepared.append((q.transpose(1, 2).contiguous().requires_grad_(rg),
+                         k.transpose(1, 2).contiguous().requires_grad_(rg),
+                         v.transpose(1, 2).contiguous().requires_grad_(rg),
+                         do.transpose(1, 2).contiguous()))
+
+    def fwd(q, k, v):
+        return flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=True)
+    call = _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2), bhnd=True)
+    limit = bench.args.flex_timeout
+
+    def first_guarded():
+        # compile under a time limit on the first call only
+        if not getattr(first_guarded, "done", False):
+            try:
+                with _alarm(limit):
+                    o = call()
+            except _Timeout as exc:
+                bench.flex_dead = f"torch.compile(flex_attention) {mode} {exc}"
+                raise
+            first_guarded.done = True
+            return o
+        return call()
+    return first_guarded
+
+
+SELECTED_IMPLS = [
+    ("ours", impl_ours, 1.0),
+    ("fla", impl_fla, 1.0),
+    ("nsa_pytorch", impl_nsa_pytorch, 1.0),
+    ("sdpa_flash", impl_sdpa("FLASH_ATTENTION"), 2.0),
+    ("sdpa_cudnn", impl_sdpa("CUDNN_ATTENTION"), 2.0),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole layer (functional core without projections)
+
+
+class LayerParams:
+    def __init__(self, torch, K, d, l, M, device, dtype, seed=7):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        ld = l * d
+
+        def p(*shape, std=1.0):
+            return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
+        self.W1 = p(ld, ld, std=ld ** -0.5)
+        self.b1 = p(ld, std=0.01)
+        self.W2 = p(d, ld, std=ld ** -0.5)
+        self.b2 = p(d, std=0.01)
+        self.W1v, self.b1v, self.W2v, self.b2v = self.W1.clone(), self.b1.clone(), self.W2.clone(), self.b2.clone()
+        self.Pk = p(K, l, d, std=0.02)
+        self.Pv = p(K, l, d, std=0.02)
+        self.mem = p(2, K, M, d)
+
+    def tensors(self):
+        return [self.W1, self.b1, self.W2, self.b2, self.W1v, self.b1v, self.W2v, self.b2v,
+                self.Pk, self.Pv, self.mem]
+
+
+def impl_layer(which):
+    def impl(bench, inp, params: LayerParams, mode, cfg):
+        torch = bench.torch
+        import torch.nn.functional as F
+        from nsa_codegen import reference as ref
+
+        sel_fn = None
+        if which == "ours":
+            if bench.ops is None:
+                raise RuntimeError(f"nsa_codegen.ops not importable: {bench.ops_error}")
+            sel_fn = bench.ops.selected_attention
+        freqs = ref.rotary_freqs(cfg["d"]).to(bench.dev)
+        l, s = cfg["compress_block_size"], cfg["stride"]
+        rg = mode == "fwdbwd"
+        ptens = [t.detach().requires_grad_(rg) for t in params.tensors()]
+        prepared = []
+        g = torch.Generator(device=bench.dev)
+        g.manual_seed(11)
+        for q, k, v, do in inp.sets:
+            gl = torch.randn((1, q.shape[1], 3 * q.shape[2]), generator=g, device=bench.dev,
+                             dtype=q.dtype)
+            prepared.append((q.detach().requires_grad_(rg), k.detach().requires_grad_(rg),
+                             v.detach().requires_grad_(rg), gl.requires_grad_(rg), do))
+
+        def fwd(q, k, v, gl):
+            W1, b1, W2, b2, W1v, b1v, W2v, b2v, Pk, Pv, mem = ptens
+            mlp_k = lambda w: F.linear(F.relu(F.linear(w.flatten(-2), W1, b1)), W2, b2)  # noqa: E731
+            mlp_v = lambda w: F.linear(F.relu(F.linear(w.flatten(-2), W1v, b1v)), W2v, b2v)  # noqa: E731
+            ck = ref.compress(k, Pk, mlp_k, l, s)
+            cv = ref.compress(v, Pv, mlp_v, l, s)
+            ck, cv = ref.prepend_memory(ck, cv, mem)
+            return ref.nsa_attention(
+                q, k, v, ck, cv, gl, freqs=freqs, num_mem=cfg["num_mem"], compress_block_size=l,
+                stride=s, selection_block_size=cfg["selection_block_size"],
+                num_selected=cfg["num_selected"], window=cfg["window"], causal=True,
+                scale=cfg["d"] ** -0.5, selected_attention_fn=sel_fn)
+
+        nxt = inp.cycle(prepared)
+        if mode == "fwd":
+            def call():
+                a = nxt()
+                with torch.no_grad():
+                    fwd(*a[:-1])
+            return call
+
+        def call():
+            a = nxt()
+            out = fwd(*a[:-1])
+            torch.autograd.grad(out, list(a[:-1]) + ptens, a[-1])
+        return call
+    return impl
+
+
+def impl_fla_layer(bench, inp, mode, cfg):
+    torch = bench.torch
+    from fla.ops.nsa import parallel_nsa
+
+    rg = mode == "fwdbwd"
+    g = torch.Generator(device=bench.dev)
+    g.manual_seed(13)
+    prepared = []
+    for q, k, v, do in inp.sets:
+        n, H = q.shape[1], q.shape[2]
+        gc_ = torch.rand((1, n, H), generator=g, device=bench.dev, dtype=q.dtype)
+        gs_ = torch.rand((1, n, H), generator=g, device=bench.dev, dtype=q.dtype)
+        prepared.append((q.detach().requires_grad_(rg), k.detach().requires_grad_(rg),
+                         v.detach().requires_grad_(rg), gc_.requires_grad_(rg), gs_.requires_grad_(rg), do))
+
+    def fwd(q, k, v, g_cmp, g_slc):
+        return parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=cfg["num_selected"],
+                            block_size=cfg["selection_block_size"], window_size=0,
+                            scale=cfg["d"] ** -0.5)
+    return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2, 3, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# ceilings and the resource report
+
+
+def measure_ceilings(bench) -> dict:
+    torch = bench.torch
+    import triton.testing
+
+    out = {}
+    try:
+        N = 8192
+        a = torch.randn((N, N), device=bench.dev, dtype=torch.bfloat16)
+        b = torch.randn((N, N), device=bench.dev, dtype=torch.bfloat16)
+        q = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
+        out["matmul_bf16_8192_tflops"] = 2 * N ** 3 / (q[0] * 1e-3) / 1e12
+        out["matmul_bf16_8192_ms"] = q
+        del a, b
+    except Exception as exc:  # noqa: BLE001
+        out["matmul_error"] = _short_err(exc)
+    try:
+        nbytes = 1 << 31
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=bench.dev).normal_()
+        dst = torch.empty_like(src)
+        q = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
+        out["copy_d2d_gbps"] = 2 * nbytes / (q[0] * 1e-3) / 1e9  # bytes read + bytes written
+        out["copy_d2d_ms"] = q
+        del src, dst
+    except Exception as exc:  # noqa: BLE001
+        out["copy_error"] = _short_err(exc)
+    torch.cuda.empty_cache()
+    return out
+
+
+def _compiled_kernels(jit_obj):
+    """CompiledKernel objects cached by a JITFunction (or an Autotuner around one)."""
+    fn = getattr(jit_obj, "fn", None) if not hasattr(jit_obj, "device_caches") else jit_obj
+    if fn is None or not hasattr(fn, "device_caches"):
+        return []
+    found = []
+    for entry in list(fn.device_caches.values()):
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        if isinstance(cache, dict):
+            found.extend(cache.values())
+    return found
+
+
+def resource_report(bench) -> list[dict]:
+    """For each generated variant loaded in this process: each compiled kernel's registers, spills
+    and shared memory, next to nsa_codegen.resources' prediction where that exists."""
+    import triton
+
+    report = []
+    try:
+        from nsa_codegen import resources as res
+    except Exception as exc:  # noqa: BLE001
+        res = None
+        bench.notes.append(f"nsa_codegen.resources not importable: {_short_err(exc)}")
+    mods = {k: m for k, m in list(sys.modules.items()) if k.startswith("nsa_codegen._variants.")}
+    for modname, mod in sorted(mods.items()):
+        vname = modname.rsplit(".", 1)[-1]
+        spec = None
+        try:
+            from nsa_codegen.spec import VariantSpec
+            spec = VariantSpec.from_name(vname)
+        except Exception:  # noqa: BLE001
+            pass
+        for attr, obj in sorted(vars(mod).items()):
+            if not isinstance(obj, (triton.runtime.jit.JITFunction, triton.runtime.autotuner.Autotuner)):
+                continue
+            for ck in _compiled_kernels(obj):
+                ent = dict(variant=vname, kernel=attr)
+                try:
+                    if getattr(ck, "n_regs", None) is None and hasattr(ck, "_init_handles"):
+                        ck._init_handles()
+                    md = ck.metadata
+                    ent.update(name=getattr(md, "name", None), n_regs=getattr(ck, "n_regs", None),
+                               n_spills=getattr(ck, "n_spills", None), shared=getattr(md, "shared", None),
+                               num_warps=getattr(md, "num_warps", None),
+                               num_stages=getattr(md, "num_stages", None))
+                    src = getattr(ck, "src", None)
+                    consts = getattr(src, "constants", None)
+                    if consts:
+                        ent["constexprs"] = {str(k[-1] if isinstance(k, tuple) else k): v
+                                             for k, v in consts.items()
+                                             if isinstance(v, (int, float, bool, str))}
+                except Exception as exc:  # noqa: BLE001
+                    ent["error"] = _short_err(exc)
+                report.append(ent)
+        if res is not None and spec is not None:
+            pred = dict(variant=vname, kernel="(model)")
+            for fname in ("predict", "tile_configs"):
+                f = getattr(res, fname, None)
+                if f is None:
+                    pred[fname] = "absent"
+                    continue
+                try:
+                    if fname == "predict":
+                        vals = []
+                        for cfg in getattr(mod, "CONFIGS", []) or [None]:
+                            try:
+                                vals.append(dict(config=cfg, prediction=_jsonable(f(spec, cfg) if cfg
+                                                                                   else f(spec))))
+                            except TypeError:
+                                vals.append(dict(config=cfg, prediction=_jsonable(f(spec, **(cfg or {})))))
+                        pred[fname] = vals
+                    else:
+                        pred[fname] = _jsonable(f(spec))
+                except Exception as exc:  # noqa: BLE001
+                    pred[fname] = "error: " + _short_err(exc)
+            report.append(pred)
+    return report
+
+
+def _jsonable(x):
+    try:
+        json.dumps(x)
+        return x
+    except TypeError:
+        if isinstance(x, dict):
+            return {str(k): _jsonable(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [_jsonable(v) for v in x]
+        try:
+            return float(x)
+        except Exception:  # noqa: BLE001
+            return repr(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# phases
+
+
+def phase_selected(bench, ns, phase_deadline, section="selected", Gs=None, impls=SELECTED_IMPLS):
+    torch, a = bench.torch, bench.args
+    Gs = Gs or (a.H // CONFIG["K"],)
+    Gs = [G for G in Gs if G <= a.H and a.H % G == 0]
+    H, d, l, kk = a.H, CONFIG["d"], CONFIG["selection_block_size"], CONFIG["num_selected"]
+    scale = d ** -0.5
+    for n in ns:
+        for G in Gs:
+            if bench.remaining() < 3 or time.perf_counter() > phase_deadline:
+                for name, _, _ in impls:
+                    for mode in ("fwd", "fwdbwd"):
+                        bench.add(dict(section=section, impl=name, label=LABELS.get(name, name), n=n, G=G,
+                                       H=H, K=H // G, mode=mode, status="skipped",
+                                       error="time budget: phase over"))
+                continue
+            K = H // G
+            try:
+                inp = Inputs(torch, n, H, K, d, a.rotate, bench.dev, bench.dtype, seed=1000 + n + G)
+                sel = make_selection(torch, n, K, kk, l, seed=n * 31 + G, device=bench.dev)
+            except Exception as exc:  # noqa: BLE001
+                for name, _, _ in impls:
+                    for mode in ("fwd", "fwdbwd"):
+                        bench.add(dict(section=section, impl=name, label=LABELS.get(name, name), n=n, G=G,
+                                       H=H, K=K, mode=mode, status="error",
+                                       error="inputs: " + _short_err(exc)))
+                continue
+            pairs, mean_sel = selection_work(torch, sel[1], l, G)
+            dense_pairs = H * n * (n + 1) / 2
+            qo_bytes = 2 * n * H * d * 2
+            kv_bytes = 2 * n * K * d * 2
+            gathered = qo_bytes + 2 * 2 * d * (pairs / G)  # K and V rows as each program loads them
+            for name, impl, power in impls:
+                for mode in ("fwd", "fwdbwd"):
+                    mult = 1.0 if mode == "fwd" else 3.5
+                    if name.startswith("sdpa"):
+                        flops = 4 * d * dense_pairs * mult
+                        bu, bg = (qo_bytes + 2 * n * H * d * 2) * (1 if mode == "fwd" else 2), None
+                    else:
+                        flops = 4 * d * pairs * mult
+                        bu = (qo_bytes + kv_bytes) * (1 if mode == "fwd" else 2)
+                        bg = gathered * (1 if mode == "fwd" else 2)
+                    ph = phase_deadline
+                    bench.run_row(section=section, impl=name, n=n, G=G, mode=mode,
+                                  make_fn=lambda impl=impl, mode=mode: impl(bench, inp, sel, mode, scale, l),
+                                  flops=flops, bytes_unique=bu, bytes_gathered=bg, phase_deadline=ph,
+                                  power=power, extra=dict(mean_selected_valid=mean_sel, kk=kk))
+            del inp, sel
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def phase_layer(bench, ns, phase_deadline):
+    torch, a = bench.torch, bench.args
+    H, K, d = a.H, CONFIG["K"], CONFIG["d"]
+    cfg = dict(CONFIG, H=H)
+    plan = [("layer_ours", impl_layer("ours")), ("layer_reference", impl_layer("reference"))]
+    for n in ns:
+        try:
+            inp = Inputs(torch, n, H, K, d, min(a.rotate, 2), bench.dev, bench.dtype, seed=5000 + n)
+            params = LayerParams(torch, K, d, cfg["compress_block_size"], cfg["num_mem"], bench.dev,
+                                 bench.dtype)
+        except Exception as exc:  # noqa: BLE001
+            bench.add(dict(section="layer", impl="layer_ours", n=n, G=H // K, H=H, K=K, mode="fwd",
+                           status="error", error="inputs: " + _short_err(exc)))
+            continue
+        ours_ok = bench.ops is not None
+        branches_ours = dict(compressed="reference (PyTorch)", topk="reference (PyTorch)",
+                             selected="kernel (nsa_codegen generated Triton)" if ours_ok else "unavailable",
+                             sliding="reference (PyTorch)", combine="PyTorch")
+        branches_ref = dict(compressed="reference (PyTorch)", topk="reference (PyTorch)",
+                            selected="reference (PyTorch)", sliding="reference (PyTorch)",
+                            combine="PyTorch")
+        for name, impl in plan:
+            if name == "layer_reference" and n > a.layer_ref_max_n:
+                for mode in ("fwd", "fwdbwd"):
+                    bench.add(dict(section="layer", impl=name, label=LABELS[name], n=n, G=H // K, H=H, K=K,
+                                   mode=mode, status="skipped",
+                                   error=f"not run above n={a.layer_ref_max_n} (--layer-ref-max-n)",
+                                   branches=branches_ref))
+                continue
+            for mode in ("fwd", "fwdbwd"):
+                bench.run_row(section="layer", impl=name, n=n, G=H // K, mode=mode,
+                              make_fn=lambda impl=impl, mode=mode: impl(bench, inp, params, mode, cfg),
+                              phase_deadline=phase_deadline, power=1.5,
+                              extra=dict(branches=branches_ours if name == "layer_ours" else branches_ref))
+        for mode in ("fwd", "fwdbwd"):
+            bench.run_row(section="layer", impl="fla_layer", n=n, G=H // K, mode=mode,
+                          make_fn=lambda mode=mode: impl_fla_layer(bench, inp, mode, cfg),
+                          phase_deadline=phase_deadline, power=1.5,
+                          extra=dict(branches=dict(compressed="fla kernel (mean-pooled keys, not an MLP)",
+                                                   topk="fla kernel", selected="fla kernel",
+                                                   sliding="not run (needs flash_attn)",
+                                                   combine="fla (gated sum)")))
+        del inp, params
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def phase_check(bench, phase_deadline, n=2048, Gs=(16, 4, 1)):
+    """Same-semantics check: every implementation's forward against the fp32 PyTorch reference on the
+    same selection (and the bf16 reference's own error, the numerics rule's yardstick)."""
+    torch, a = bench.torch, bench.args
+    from nsa_codegen import reference as ref
+
+    H, d, l, kk = a.H, CONFIG["d"], CONFIG["selection_block_size"], CONFIG["num_selected"]
+    scale = d ** -0.5
+    impls = [x for x in SELECTED_IMPLS if not x[0].startswith("sdpa")]
+    if "flex" in a.sections:
+        impls.append(("flex", impl_flex, 1.0))
+    G0 = H // CONFIG["K"]
+    for G in [G for G in Gs if G <= H and H % G == 0]:
+        K = H // G
+        inp = Inputs(torch, n, H, K, d, 1, bench.dev, bench.dtype, seed=77 + G)
+        sel = make_selection(torch, n, K, kk, l, seed=99 + G, device=bench.dev)
+        q, k, v, _ = inp.sets[0]
+        r32 = ref.selected_attention(q.float(), k.float(), v.float(), *sel, block_size=l, causal=True,
+                                     scale=scale)
+        rlp = ref.selected_attention(q, k, v, *sel, block_size=l, causal=True, scale=scale)
+        lp_err = float((rlp.float() - r32).abs().max())
+        for name, impl, _ in impls:
+            row = dict(section="check", impl=name, label=LABELS.get(name, name), n=n, G=G, H=H, K=K,
+                       mode="out", ref_bf16_max_abs_err=lp_err)
+            if time.perf_counter() > phase_deadline or (name == "flex" and G != G0):
+                row.update(status="skipped", error="time budget" if name != "flex" else f"flex checked at G={G0} only")
+                bench.add(row)
+                continue
+            try:
+                o = impl(bench, inp, sel, "out", scale, l)()
+                bench.sync()
+                diff = (o.float() - r32)
+                row.update(status="ok", max_abs_err=float(diff.abs().max()),
+                           rel_err=float(diff.norm() / r32.norm()),
+                           finite=bool(torch.isfinite(o).all()),
+                           within_rule=bool(float(diff.abs().max()) <= 2 * lp_err + 1e-5))
+                bench.log(f"check    {name:16s} G={G:2d} max|o-ref32|={row['max_abs_err']:.2e} "
+                          f"rel={row['rel_err']:.2e} (bf16 reference: {lp_err:.2e}) "
+                          f"{'OK' if row['within_rule'] else 'OUTSIDE 2x rule'}")
+                bench.rows.append(row)
+            except Exception as exc:  # noqa: BLE001
+                row.update(status="unsupported" if isinstance(exc, (AssertionError, NotImplementedError))
+                           else "error", error=_short_err(exc))
+                bench.add(row)
+        del inp, sel
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def compute_ratios(rows) -> list[dict]:
+    """anchor_ms / ours_ms for each (section, n, G, mode); > 1 means ours is faster."""
+    ok = {(r["section"], r["impl"], r["n"], r["G"], r["mode"]): r for r in rows if r["status"] == "ok"}
+    ratios = []
+    for (sec, impl, n, G, mode), r in sorted(ok.items(), key=lambda x: (x[0][0], x[0][2], x[0][3], x[0][4], x[0][1])):
+        if sec in ("selected", "gqa", "flex"):
+            base_sec = "selected" if sec == "flex" else sec
+            ours = ok.get((base_sec, "ours", n, G, mode))
+            if impl == "ours" or ours is None:
+                continue
+            ratios.append(dict(section=sec, n=n, G=G, mode=mode, anchor=impl, ours="ours",
+                               anchor_ms=r["ms"], ours_ms=ours["ms"], ratio=r["ms"] / ours["ms"]))
+        elif sec == "layer" and impl != "layer_ours":
+            ours = ok.get(("layer", "layer_ours", n, G, mode))
+            if ours is not None:
+                ratios.append(dict(section=sec, n=n, G=G, mode=mode, anchor=impl, ours="layer_ours",
+                                   anchor_ms=r["ms"], ours_ms=ours["ms"], ratio=r["ms"] / ours["ms"]))
+    # the layer against dense attention (the paper's comparison)
+    for (sec, impl, n, G, mode), r in ok.items():
+        if sec == "selected" and impl.startswith("sdpa"):
+            ours = ok.get(("layer", "layer_ours", n, G, mode))
+            if ours is not None:
+                ratios.append(dict(section="layer", n=n, G=G, mode=mode, anchor=impl, ours="layer_ours",
+                                   anchor_ms=r["ms"], ours_ms=ours["ms"], ratio=r["ms"] / ours["ms"]))
+    return ratios
+
+
+def env_info(torch) -> dict:
+    import triton
+
+    info = dict(date_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), host=platform.node())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
+                    gpu_memory_gib=round(p.total_memory / 2 ** 30, 1))
+    for mod in ("fla", "native_sparse_attention_pytorch", "einx", "nsa_codegen"):
+        try:
+            from importlib.metadata import version
+            dist = {"fla": "fla-core", "native_sparse_attention_pytorch": "native-sparse-attention-pytorch",
+                    "nsa_codegen": "nsa_codegen"}.get(mod, mod)
+            info[f"version_{mod}"] = version(dist)
+        except Exception as exc:  # noqa: BLE001
+            info[f"version_{mod}"] = "not installed: " + _short_err(exc, 120)
+    try:
+        import subprocess
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw,temperature.gpu",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        info["nvidia_smi"] = _short_err(exc)
+    return info
+
+
+def print_table(result):
+    rows = result["rows"]
+    print("\n=== summary (ms median; ratio = anchor / ours, > 1 means ours is faster) ===")
+    ok = {(r["section"], r["impl"], r["n"], r["G"], r["mode"]): r for r in rows}
+    for r in rows:
+        if r["section"] == "check" and r["status"] == "ok":
+            print(f"check {r['impl']:12s} G={r['G']:2d}: max|o - ref32| = {r['max_abs_err']:.2e} "
+                  f"(bf16 reference {r['ref_bf16_max_abs_err']:.2e}) within 2x rule: {r['within_rule']}")
+    for sec in ("selected", "gqa", "flex", "layer"):
+        keys = sorted({(k[2], k[3], k[4]) for k in ok if k[0] == sec})
+        impls = []
+        for k in ok:
+            if k[0] == sec and k[1] not in impls:
+                impls.append(k[1])
+        if not keys:
+            continue
+        print(f"\n[{sec}] " + " | ".join(impls))
+        for n, G, mode in keys:
+            cells = []
+            for impl in impls:
+                r = ok.get((sec, impl, n, G, mode))
+                if r is None:
+                    cells.append("-")
+                elif r["status"] == "ok":
+                    cells.append(f"{r['ms']:.3f}")
+                else:
+                    cells.append(r["status"])
+            print(f"n={n:6d} G={G:2d} {mode:6s} " + " | ".join(cells))
+    print("\nratios:")
+    for r in result["ratios"]:
+        print(f"  {r['section']:8s} n={r['n']:6d} G={r['G']:2d} {r['mode']:6s} {r['anchor']:16s}/"
+              f"{r['ours']:10s} = {r['ratio']:.2f}x")
+    errs = [r for r in rows if r["status"] in ("error", "unsupported")]
+    if errs:
+        print("\nfailures / unsupported:")
+        seen = set()
+        for r in errs:
+            key = (r["impl"], r["status"], r.get("error", "")[:120])
+            if key in seen:
+                continue
+            seen.add(key)
+            print(f"  {r['impl']} ({r['section']} n={r['n']} G={r['G']} {r['mode']}): {r['status']}: "
+                  f"{r.get('error', '')[:400]}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m nsa_codegen bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="few sizes (n in {4k, 16k}), short budget")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole run (default 540, quick 150); rows past it are 'skipped'")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and PNGs")
+    p.add_argument("--ns", default=None, help="comma-separated sequence lengths (override)")
+    p.add_argument("--gqa-n", type=int, default=None, help="n of the GQA sweep (default 32768, quick 8192)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
+    p.add_argument("--rotate", type=int, default=3, help="independent input sets cycled through")
+    p.add_argument("--H", type=int, default=CONFIG["H"])
+    p.add_argument("--flex-timeout", type=int, default=None, help="seconds for flex's first compile")
+    p.add_argument("--layer-ref-max-n", type=int, default=16384,
+                   help="largest n for the all-reference layer row")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--tag", default="")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: smoke-test the harness only (anchors fail there, host timer)")
+    a = p.parse_args(argv)
+    if a.budget is None:
+        a.budget = 150.0 if a.quick else 540.0
+    if a.flex_timeout is None:
+        a.flex_timeout = 60 if a.quick else 90
+    if a.gqa_n is None:
+        a.gqa_n = 8192 if a.quick else 32768
+    a.ns = [int(x) for x in a.ns.split(",")] if a.ns else (QUICK_NS if a.quick else FULL_NS)
+    a.sections = [s for s in a.sections.split(",") if s]
+    return a
+
+
+def main(argv=None) -> int:
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["--"]:  # `python -m nsa_codegen bench -- --quick`
+        argv = argv[1:]
+    args = parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    bench = Bench(args)
+    info = env_info(torch)
+    bench.log(f"{info.get('gpu')} torch {info['torch']} triton {info['triton']} budget {args.budget:.0f} s")
+    try:
+        from nsa_codegen import ops
+        bench.ops = ops
+    except Exception as exc:  # noqa: BLE001
+        bench.ops_error = _short_err(exc)
+        bench.log(f"nsa_codegen.ops not importable: {bench.ops_error}")
+
+    ceilings = measure_ceilings(bench)
+    bench.log(f"ceilings: {json.dumps({k: v for k, v in ceilings.items() if not k.endswith('_ms')})}")
+
+    # phase weights: each phase gets its share of what is left when it starts
+    weights = dict(check=0.04, selected=0.43, gqa=0.16, layer=0.19, flex=0.18)
+    todo = [s for s in SECTIONS if s in args.sections]
+
+    def phase_deadline(name):
+        w_left = sum(weights[s] for s in todo)
+        return time.perf_counter() + bench.remaining() * weights[name] / w_left
+
+    for name in list(todo):
+        dl = phase_deadline(name)
+        bench.log(f"--- phase {name}: {dl - time.perf_counter():.0f} s")
+        try:
+            if name == "check":
+                phase_check(bench, dl)
+            elif name == "selected":
+                phase_selected(bench, args.ns, dl)
+            elif name == "gqa":
+                impls = [x for x in SELECTED_IMPLS if x[0] in ("ours", "fla", "nsa_pytorch")]
+                phase_selected(bench, [args.gqa_n], dl, section="gqa", Gs=GQA_GS, impls=impls)
+            elif name == "layer":
+                phase_layer(bench, args.ns, dl)
+            elif name == "flex":
+                phase_selected(bench, args.ns, dl, section="flex",
+                               impls=[("flex", impl_flex, 1.0)])
+        except Exception as exc:  # noqa: BLE001 - a phase crash must not lose the others
+            bench.notes.append(f"phase {name} crashed: {_short_err(exc)}")
+            traceback.print_exc()
+        todo.remove(name)
+
+    resources = []
+    try:
+        resources = resource_report(bench)
+    except Exception as exc:  # noqa: BLE001
+        bench.notes.append(f"resource report failed: {_short_err(exc)}")
+
+    for r in bench.rows:  # achieved rates against the ceilings measured in this run
+        if r.get("tflops") and ceilings.get("matmul_bf16_8192_tflops"):
+            r["frac_matmul_ceiling"] = r["tflops"] / ceilings["matmul_bf16_8192_tflops"]
+        if r.get("gbps_unique") and ceilings.get("copy_d2d_gbps"):
+            r["frac_copy_ceiling_unique"] = r["gbps_unique"] / ceilings["copy_d2d_gbps"]
+    result = dict(meta=info, config=dict(CONFIG, H=args.H, ns=args.ns, gqa_n=args.gqa_n, gqa_Gs=GQA_GS,
+                                         rotate=args.rotate, budget_s=args.budget, quick=args.quick,
+                                         flex_timeout_s=args.flex_timeout,
+                                         flops_note="fwd = 4*d per (query head, key) pair actually "
+                                         "computed (own block: keys j <= i); fwd+bwd = 3.5x fwd. "
+                                         "bytes_unique: each tensor once; bytes_gathered: K/V rows "
+                                         "as every program loads them"),
+                  ceilings=ceilings, rows=bench.rows, ratios=compute_ratios(bench.rows),
+                  resources=resources, notes=bench.notes, wall_s=bench.elapsed(), labels=LABELS)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = "".join(ch if ch.isalnum() else "-" for ch in str(info.get("gpu", "gpu"))).strip("-").lower()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"bench_{gpu}_{stamp}{'_quick' if args.quick else ''}{('_' + args.tag) if args.tag else ''}"
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=1, default=_jsonable))
+    print_table(result)
+    bench.log(f"wrote {path}")
+    if not args.no_plot:
+        try:
+            from benchmarks.plot import plot_all
+            for p in plot_all(path, out):
+                bench.log(f"wrote {p}")
+        except Exception as exc:  # noqa: BLE001
+            bench.log(f"plotting failed: {_short_err(exc)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Plots of a bench JSON: `python -m benchmarks.plot benchmarks/results/bench_*.json [--out DIR]`.
+
+Writes, next to the JSON (or in --out), with the JSON's stem as prefix:
+  *_time_fwd.png, *_time_fwdbwd.png  time vs n (log-log), selected branch, one line per implementation
+  *_speedup.png                      speedup over dense causal SDPA (flash) vs n, fwd and fwd+bwd
+  *_gqa.png                          GQA sweep: achieved TFLOP/s of the selected branch per G
+  *_layer.png                        whole-layer core vs dense SDPA, time vs n
+Rows that failed or were skipped are listed in a note under each figure, never drawn as numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STYLE = {
+    "ours": dict(color="tab:red", marker="o", lw=2.2),
+    "fla": dict(color="tab:blue", marker="s"),
+    "nsa_pytorch": dict(color="tab:green", marker="^"),
+    "flex": dict(color="tab:purple", marker="D"),
+    "sdpa_flash": dict(color="black", marker="x", ls="--"),
+    "sdpa_cudnn": dict(color="gray", marker="+", ls="--"),
+    "reference": dict(color="tab:brown", marker="v", ls=":"),
+    "layer_ours": dict(color="tab:red", marker="o", ls="-."),
+    "layer_reference": dict(color="tab:brown", marker="v", ls="-."),
+    "fla_layer": dict(color="tab:blue", marker="s", ls="-."),
+}
+SHORT = {
+    "ours": "ours (generated Triton)",
+    "fla": "fla parallel_nsa",
+    "nsa_pytorch": "native-sparse-attention-pytorch 0.2.3",
+    "flex": "FlexAttention (block mask)",
+    "sdpa_flash": "dense SDPA flash",
+    "sdpa_cudnn": "dense SDPA cuDNN",
+    "reference": "PyTorch reference",
+    "layer_ours": "layer: selected on our kernel,\nother branches PyTorch reference",
+    "layer_reference": "layer: all PyTorch reference",
+    "fla_layer": "fla parallel_nsa cmp+topk+slc (no swa)",
+}
+MODES = {"fwd": "forward", "fwdbwd": "forward + backward"}
+
+
+def _rows(res, section, impl=None, mode=None, status="ok", G=None):
+    out = []
+    for r in res["rows"]:
+        if r["section"] != section or (impl and r["impl"] != impl) or (mode and r["mode"] != mode):
+            continue
+        if status and r["status"] != status:
+            continue
+        if G is not None and r["G"] != G:
+            continue
+        out.append(r)
+    return sorted(out, key=lambda r: (r["n"], r["G"]))
+
+
+def _impls(res, sections):
+    seen = []
+    for r in res["rows"]:
+        if r["section"] in sections and r["impl"] not in seen:
+            seen.append(r["impl"])
+    return seen
+
+
+def _failures(res, sections, mode=None):
+    lines, seen = [], set()
+    for r in res["rows"]:
+        if r["section"] in sections and r["status"] != "ok" and (mode is None or r["mode"] == mode):
+            key = (r["impl"], r["status"], (r.get("error") or "")[:70])
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(f"{SHORT.get(r['impl'], r['impl']).splitlines()[0]} ({r['section']}, n={r['n']}, "
+                         f"G={r['G']}): {r['status']}: {(r.get('error') or '')[:90]}")
+    return lines
+
+
+def _title(res, what):
+    m = res["meta"]
+    c = res["config"]
+    return (f"{what}\n{m.get('gpu', '?')}, torch {m.get('torch')}, triton {m.get('triton')}, "
+            f"{m.get('date_utc', '')[:10]}; b={c['b']} H={c['H']} d={c['d']} l'={c['selection_block_size']} "
+            f"k={c['num_selected']} bf16")
+
+
+def _note(fig, lines, limit=8):
+    if not lines:
+        return
+    text = "\n".join(lines[:limit]) + (f"\n(+{len(lines) - limit} more in the JSON)" if len(lines) > limit else "")
+    fig.text(0.01, 0.005, text, fontsize=6.5, va="bottom", ha="left", family="monospace")
+
+
+def _fmt_n(ax, ns):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns)
+    ax.set_xticklabels([f"{n // 1024}k" for n in ns])
+    ax.set_xlabel("sequence length n")
+
+
+def plot_time(res, mode, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6.2))
+    ns = sorted({r["n"] for r in res["rows"] if r["section"] in ("selected", "flex")})
+    for impl in _impls(res, ("selected", "flex")):
+        rows = _rows(res, "selected", impl, mode) + _rows(res, "flex", impl, mode)
+        if not rows:
+            continue
+        x = [r["n"] for r in rows]
+        ax.errorbar(x, [r["ms"] for r in rows],
+                    yerr=[[r["ms"] - r["ms_p20"] for r in rows], [r["ms_p80"] - r["ms"] for r in rows]],
+                    label=SHORT.get(impl, impl), capsize=2, **STYLE.get(impl, {}))
+    ax.set_yscale("log")
+    _fmt_n(ax, ns)
+    ax.set_ylabel("time per call, ms (median, 20-80% bars)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(_title(res, f"Selected-block attention, {MODES[mode]} (G=16)"), fontsize=9)
+    fails = _failures(res, ("selected", "flex"), mode)
+    fig.subplots_adjust(bottom=0.12 + 0.018 * min(len(fails), 9))
+    _note(fig, fails)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_speedup(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), sharey=True)
+    ns = sorted({r["n"] for r in res["rows"] if r["section"] == "selected"})
+    for ax, mode in zip(axes, ("fwd", "fwdbwd")):
+        dense = {r["n"]: r["ms"] for r in _rows(res, "selected", "sdpa_flash", mode)}
+        for impl, sec in [("ours", "selected"), ("fla", "selected"), ("nsa_pytorch", "selected"),
+                          ("flex", "flex"), ("sdpa_cudnn", "selected"), ("layer_ours", "layer"),
+                          ("fla_layer", "layer")]:
+            rows = [r for r in _rows(res, sec, impl, mode, G=16) if r["n"] in dense]
+            if not rows:
+                continue
+            ax.plot([r["n"] for r in rows], [dense[r["n"]] / r["ms"] for r in rows],
+                    label=SHORT.get(impl, impl), **STYLE.get(impl, {}))
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_yscale("log")
+        _fmt_n(ax, ns)
+        ax.set_title(MODES[mode], fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("speedup over dense causal SDPA (flash backend)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(_title(res, "Speedup over dense attention"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_gqa(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows_all = [r for r in res["rows"] if r["section"] == "gqa"]
+    if not rows_all:
+        return False
+    Gs = sorted({r["G"] for r in rows_all})
+    impls = _impls(res, ("gqa",))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
+    width = 0.8 / max(1, len(impls))
+    for ax, mode in zip(axes, ("fwd", "fwdbwd")):
+        for j, impl in enumerate(impls):
+            xs, ys = [], []
+            for i, G in enumerate(Gs):
+                r = [x for x in rows_all if x["impl"] == impl and x["G"] == G and x["mode"] == mode]
+                if r and r[0]["status"] == "ok" and r[0].get("tflops"):
+                    xs.append(i + (j - (len(impls) - 1) / 2) * width)
+                    ys.append(r[0]["tflops"])
+                elif r:
+                    ax.text(i + (j - (len(impls) - 1) / 2) * width, 0, "x", ha="center", va="bottom",
+                            color=STYLE.get(impl, {}).get("color", "k"), fontsize=8)
+            ax.bar(xs, ys, width=width, label=SHORT.get(impl, impl),
+                   color=STYLE.get(impl, {}).get("color"))
+        ax.set_xticks(range(len(Gs)))
+        ax.set_xticklabels([f"G={G}\n(K={res['config']['H'] // G})" for G in Gs])
+        ax.set_ylabel("achieved TFLOP/s (useful FLOPs)")
+        ax.set_title(f"{MODES[mode]}, n={rows_all[0]['n']}", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ceil = res.get("ceilings", {}).get("matmul_bf16_8192_tflops")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(_title(res, "GQA sweep of the selected branch at fixed H (x: not run / unsupported)"),
+                 fontsize=9)
+    fails = _failures(res, ("gqa",))
+    fig.tight_layout(rect=(0, 0.03 + 0.022 * min(len(fails), 9), 1, 1))
+    _note(fig, fails)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_layer(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(r["section"] == "layer" for r in res["rows"]):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.8), sharey=True)
+    ns = sorted({r["n"] for r in res["rows"] if r["section"] in ("layer", "selected")})
+    for ax, mode in zip(axes, ("fwd", "fwdbwd")):
+        for impl, sec in [("layer_ours", "layer"), ("layer_reference", "layer"), ("fla_layer", "layer"),
+                          ("sdpa_flash", "selected"), ("sdpa_cudnn", "selected")]:
+            rows = _rows(res, sec, impl, mode, G=16)
+            if rows:
+                ax.plot([r["n"] for r in rows], [r["ms"] for r in rows], label=SHORT.get(impl, impl),
+                        **STYLE.get(impl, {}))
+        ax.set_yscale("log")
+        _fmt_n(ax, ns)
+        ax.set_title(MODES[mode], fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time per call, ms (median)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(_title(res, "Whole-layer core (no projections) vs dense attention"), fontsize=9)
+    fails = _failures(res, ("layer",))
+    fig.tight_layout(rect=(0, 0.03 + 0.022 * min(len(fails), 9), 1, 1))
+    _note(fig, fails)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_all(json_path, out_dir=None) -> list[Path]:
+    json_path = Path(json_path)
+    res = json.loads(json_path.read_text())
+    out = Path(out_dir) if out_dir else json_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    stem = json_path.stem
+    written = []
+    for mode in ("fwd", "fwdbwd"):
+        p = out / f"{stem}_time_{mode}.png"
+        plot_time(res, mode, p)
+        written.append(p)
+    p = out / f"{stem}_speedup.png"
+    plot_speedup(res, p)
+    written.append(p)
+    p = out / f"{stem}_gqa.png"
+    if plot_gqa(res, p):
+        written.append(p)
+    p = out / f"{stem}_layer.png"
+    if plot_layer(res, p):
+        written.append(p)
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.plot")
+    ap.add_argument("json", nargs="+")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    for j in a.json:
+        for p in plot_all(j, a.out):
+            print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""nsa_codegen: Native Sparse Attention as generated Triton kernels, with a drop-in module.
+
+Importing the package is light: it loads PyTorch and the pure-PyTorch reference only; Triton and the
+generated kernels are imported on first CUDA use (`nsa_codegen.ops`).
+"""
+from .module import DecodeCache, SparseAttention
+
+__all__ = ["SparseAttention", "DecodeCache"]
+__version__ = "0.1.0"

@@ -1,0 +1,364 @@
+"""Selected attention (nsa-spec section 5) on generated Triton kernels.
+
+Layers, fla style: generated kernels (templates/select_{fwd,bwd}.py.j2) -> plain launchers
+(`selected_attention_fwd_launch`, `selected_attention_bwd_launch`: callable under TRITON_INTERPRET=1,
+no torch.library) -> `torch.ops.nsa.selected_attention` (a `torch.library.triton_op`, so
+torch.compile sees the kernels; autograd via `register_autograd`; CPU kernel = the reference) ->
+the public `selected_attention` (docs/interfaces.md).
+
+Inputs (bnhd): q (b, n, H, d); k, v (b, n, K, d) with H % K == 0; block_idx (b, n, Hs, kk) int32 or
+int64; block_valid (b, n, Hs, kk) bool; gates (b, n, Hs, kk) float or None; Hs = K (the G = H // K
+heads of a group share the selection) or Hs = H (unshared). Any strides, as long as the last dim of
+q, k, v is contiguous: nothing is copied. Supported head dims: multiples of 8 in [16, 256] (tiles pad
+to the next power of two and mask). Outputs: out (b, n, H, d) in q's dtype and lse (b, n, H) fp32
+(natural log; -inf for a query with no key, whose out is 0).
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import triton
+
+from . import cache, dispatch
+
+HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 16, 256, 8
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation (before any launch)
+
+
+def check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale) -> None:
+    """Raise ValueError / TypeError naming the offending argument and the allowed values."""
+    named = {"q": q, "k": k, "v": v, "block_idx": block_idx, "block_valid": block_valid}
+    if gates is not None:
+        named["gates"] = gates
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    for name in ("q", "k", "v"):
+        t = named[name]
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} dtype must be one of float16, bfloat16, float32; got {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    b, n, h, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
+        raise ValueError(f"k/v shape {tuple(k.shape)} must be (b, n, K, d) = ({b}, {n}, K, {d}) to match q")
+    kh = k.shape[2]
+    if kh < 1 or h % kh != 0:
+        raise ValueError(f"query heads H={h} must be a multiple of kv heads K={kh} (mismatched heads)")
+    if not (HEAD_DIM_MIN <= d <= HEAD_DIM_MAX and d % HEAD_DIM_MULTIPLE == 0):
+        raise ValueError(
+            f"unsupported head dim d={d}: supported are multiples of {HEAD_DIM_MULTIPLE} in "
+            f"[{HEAD_DIM_MIN}, {HEAD_DIM_MAX}] (e.g. 16, 32, 64, 128, 256)"
+        )
+    if block_idx.dtype not in INDEX_DTYPES:
+        raise TypeError(f"block_idx dtype must be torch.int32 or torch.int64, got {block_idx.dtype}")
+    if block_valid.dtype != torch.bool:
+        raise TypeError(f"block_valid dtype must be torch.bool, got {block_valid.dtype}")
+    sel_shape = tuple(block_idx.shape)
+    if sel_shape[:2] != (b, n) or sel_shape[2] not in (kh, h):
+        raise ValueError(
+            f"block_idx shape {sel_shape} must be (b, n, Hs, kk) with b={b}, n={n} and Hs = K = {kh} "
+            f"(shared selection) or Hs = H = {h} (unshared), i.e. mismatched heads"
+        )
+    if tuple(block_valid.shape) != sel_shape:
+        raise ValueError(f"block_valid shape {tuple(block_valid.shape)} must equal block_idx shape {sel_shape}")
+    if gates is not None:
+        if tuple(gates.shape) != sel_shape:
+            raise ValueError(f"gates shape {tuple(gates.shape)} must equal block_idx shape {sel_shape}")
+        if gates.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"gates dtype must be one of float16, bfloat16, float32; got {gates.dtype}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+
+
+def _check_launch_device(q) -> None:
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"the Triton launchers need CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}; "
+            "use nsa_codegen.ops.selected_attention, which runs the reference on CPU"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch helpers
+
+
+def _pow2(x: int) -> int:
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+@lru_cache(maxsize=None)
+def _pick_config(module, block_d: int, dtype_bytes: int) -> tuple[dict, dict]:
+    """First kept config of the generated module (render-time preference order) whose recorded head-dim
+    limit fits this head dim and dtype width; memoized, so the per-call path is a dict lookup."""
+    key = "max_d16" if dtype_bytes <= 2 else "max_d32"
+    fitting = [c for c in module.CONFIGS if c[key] >= block_d]
+    chosen = fitting[0] if fitting else max(module.CONFIGS, key=lambda c: c[key])
+    return {"BLOCK_N": chosen["BLOCK_N"]}, {"num_warps": chosen["num_warps"], "num_stages": chosen["num_stages"]}
+
+
+def _config(module, d: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    return _pick_config(module, _pow2(max(16, d)), torch.finfo(dtype).bits // 8)
+
+
+def _no_wrap(kernel):
+    return kernel
+
+
+def _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, wrap, module=None, out=None, lse=None):
+    b, n, h, d = q.shape
+    kh = k.shape[2]
+    hs, kk = block_idx.shape[2], block_idx.shape[3]
+    if module is None:
+        module = cache.load_variant(dispatch.select_specs(q, k, block_idx, block_size=block_size, causal=causal)[0])
+    constexprs, launch = _config(module, d, q.dtype)
+    if out is None:
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if lse is None:
+        lse = torch.empty((b, n, h), device=q.device, dtype=torch.float32)
+    g = gates if gates is not None else block_idx  # dummy pointer, never read when HAS_GATES=False
+    g_strides = gates.stride() if gates is not None else (0, 0, 0, 0)
+    grid = (triton.cdiv(n, module.TOKENS_PER_PROGRAM), b * hs)
+    wrap(module.kernel)[grid](
+        q, k, v, block_idx, block_valid, g, out, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *block_idx.stride(), *block_valid.stride(), *g_strides,
+        *out.stride()[:3], *lse.stride(),
+        n, hs, h // kh, kk, float(scale),
+        HEAD_DIM=d, BLOCK_D=_pow2(max(16, d)), KK_PAD=max(2, _pow2(kk)), HAS_GATES=gates is not None,
+        **constexprs, **launch,
+    )
+    return out, lse
+
+
+def _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale, wrap, module=None,
+         dq=None):
+    b, n, h, d = q.shape
+    kh = k.shape[2]
+    hs, kk = block_idx.shape[2], block_idx.shape[3]
+    if module is None:
+        module = cache.load_variant(dispatch.select_specs(q, k, block_idx, block_size=block_size, causal=causal)[1])
+    constexprs, launch = _config(module, d, q.dtype)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)  # (b, n, H), same layout as lse
+    if delta.stride() != lse.stride():
+        delta = delta.as_strided(lse.shape, lse.stride()).copy_(delta)
+    if dq is None:
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    if gates is not None:
+        dg = torch.zeros(block_idx.shape, device=q.device, dtype=torch.float32)
+        g, g_strides = gates, gates.stride()
+    else:
+        dg = torch.empty((0,), device=q.device, dtype=torch.float32)
+        g, g_strides = block_idx, (0, 0, 0, 0)
+    dg_strides = dg.stride() if gates is not None else (0, 0, 0, 0)
+    grid = (triton.cdiv(n, module.TOKENS_PER_PROGRAM), b * hs)
+    wrap(module.kernel)[grid](
+        q, k, v, block_idx, block_valid, g, dout, lse, delta, dq, dk, dv, dg,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *block_idx.stride(), *block_valid.stride(), *g_strides,
+        *dout.stride()[:3], *lse.stride(),
+        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *dg_strides,
+        n, hs, h // kh, kk, float(scale),
+        HEAD_DIM=d, BLOCK_D=_pow2(max(16, d)), KK_PAD=max(2, _pow2(kk)), HAS_GATES=gates is not None,
+        **constexprs, **launch,
+    )
+    dgates = dg.to(gates.dtype) if gates is not None else dg
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dgates
+
+
+# ----------------------------------------------------------------------------------------------------
+# plain launchers (interpreter-callable)
+
+
+def selected_attention_fwd_launch(q, k, v, block_idx, block_valid, gates=None, *, block_size, causal, scale,
+                                  module=None, out=None, lse=None):
+    """Launch the forward kernel; returns (out, lse). `module` overrides the generated variant (e.g. a
+    padding-baseline render for benchmarks); `out` (q's shape and dtype, any strides with a contiguous
+    last dim) and `lse` ((b, n, H) float32) may be given preallocated."""
+    check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
+    _check_launch_device(q)
+    b, n, h, d = q.shape
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, dtype {q.dtype} and a contiguous last dim")
+    if lse is not None and (tuple(lse.shape) != (b, n, h) or lse.dtype != torch.float32):
+        raise ValueError(f"lse must be float32 of shape {(b, n, h)}, got {lse.dtype} {tuple(lse.shape)}")
+    return _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, _no_wrap, module, out, lse)
+
+
+def selected_attention_bwd_launch(q, k, v, block_idx, block_valid, gates, out, lse, dout, *, block_size, causal,
+                                  scale, module=None, dq=None):
+    """Launch the backward kernel; returns (dq, dk, dv, dgates) (dgates is an empty tensor without gates)."""
+    check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
+    _check_launch_device(q)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"out and dout must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}, {tuple(dout.shape)}")
+    if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
+    if dq is not None and (dq.shape != q.shape or dq.dtype != q.dtype or dq.stride(-1) != 1):
+        raise ValueError(f"dq must have q's shape {tuple(q.shape)}, dtype {q.dtype} and a contiguous last dim")
+    return _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale, _no_wrap, module,
+                dq)
+
+
+# selected_attention_launch: the name docs/interfaces.md gives the plain forward launcher
+selected_attention_launch = selected_attention_fwd_launch
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library: nsa::selected_attention (+ its backward op)
+
+
+def _reference_lse(q, k, v, block_idx, block_valid, gates, block_size, causal, scale):
+    """(out, lse) on any device through the reference (out) and a chunked logsumexp over the same keys."""
+    from . import reference
+
+    out = reference.selected_attention(q, k, v, block_idx, block_valid, gates, block_size=block_size,
+                                       causal=causal, scale=scale)
+    b, n, h, d = q.shape
+    kh = k.shape[2]
+    hs, kk = block_idx.shape[2], block_idx.shape[3]
+    lse = torch.empty((b, n, h), device=q.device, dtype=torch.float32)
+    head_to_sel = torch.arange(h, device=q.device) // (h // hs)  # query head -> selection head
+    kv_of_head = torch.arange(h, device=q.device) // (h // kh)
+    offs = torch.arange(block_size, device=q.device)
+    chunk = 256
+    for i0 in range(0, n, chunk):
+        i1 = min(n, i0 + chunk)
+        qi = q[:, i0:i1].float()  # (b, c, H, d)
+        idx = block_idx[:, i0:i1][:, :, head_to_sel].long()  # (b, c, H, kk)
+        ok = block_valid[:, i0:i1][:, :, head_to_sel]
+        g = gates[:, i0:i1][:, :, head_to_sel].float() if gates is not None else torch.ones_like(idx, dtype=torch.float32)
+        keys = idx[..., None] * block_size + offs  # (b, c, H, kk, l')
+        kok = ok[..., None] & (keys < n)
+        gk = g[..., None].expand_as(keys)
+        if causal:
+            tok = torch.arange(i0, i1, device=q.device)
+            own = (tok // block_size)[None, :, None, None] * block_size + offs  # (1, c, 1, l')
+            own = own.expand(b, -1, h, -1)
+            keys = torch.cat([keys.flatten(-2), own], -1)
+            kok = torch.cat([kok.flatten(-2), own <= tok[None, :, None, None]], -1)
+            gk = torch.cat([gk.flatten(-2), torch.ones_like(own, dtype=torch.float32)], -1)
+        else:
+            keys, kok, gk = keys.flatten(-2), kok.flatten(-2), gk.flatten(-2)
+        kc = keys.clamp(0, n - 1)
+        kf = k.float()
+        bidx = torch.arange(b, device=q.device)[:, None, None, None]
+        kvh = kv_of_head[None, None, :, None]
+        kg = kf[bidx, kc, kvh]  # (b, c, H, m, d)
+        logits = (qi[..., None, :] * kg).sum(-1) * scale * gk
+        logits = logits.masked_fill(~kok, float("-inf"))
+        lse[:, i0:i1] = torch.logsumexp(logits, -1)
+    return out, lse
+
+
+@torch.library.triton_op("nsa::selected_attention", mutates_args=())
+def _selected_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, block_valid: torch.Tensor,
+    gates: Optional[torch.Tensor], block_size: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    return _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, wrap_triton)
+
+
+@torch.library.triton_op("nsa::selected_attention_backward", mutates_args=())
+def _selected_attention_bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, block_valid: torch.Tensor,
+    gates: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+    block_size: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    return _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale, wrap_triton)
+
+
+@_selected_attention_op.register_kernel("cpu")
+def _selected_attention_cpu(q, k, v, block_idx, block_valid, gates, block_size, causal, scale):
+    with torch.no_grad():
+        out, lse = _reference_lse(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
+    return out.contiguous(), lse
+
+
+@_selected_attention_bwd_op.register_kernel("cpu")
+def _selected_attention_bwd_cpu(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale):
+    from . import reference
+
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        g = gates.detach().requires_grad_() if gates is not None else None
+        o = reference.selected_attention(*inputs, block_idx, block_valid, g, block_size=block_size,
+                                         causal=causal, scale=scale)
+        wrt = inputs + ([g] if g is not None else [])
+        grads = torch.autograd.grad(o, wrt, dout, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, wrt)]
+    dgates = grads[3] if gates is not None else q.new_empty((0,), dtype=torch.float32)
+    return grads[0], grads[1], grads[2], dgates
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, block_idx, block_valid, gates, block_size, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, block_idx, block_valid, gates, out, lse)
+    ctx.block_size, ctx.causal, ctx.scale = block_size, causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, block_idx, block_valid, gates, out, lse = ctx.saved_tensors
+    dq, dk, dv, dgates = torch.ops.nsa.selected_attention_backward(
+        q, k, v, block_idx, block_valid, gates, out, lse, dout, ctx.block_size, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, (dgates if gates is not None else None), None, None, None
+
+
+_selected_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public
+
+
+def selected_attention(q, k, v, block_idx, block_valid, gates=None, *, block_size, causal, scale):
+    """Attention of each query over its selected key blocks (nsa-spec section 5); returns out (b, n, H, d).
+
+    Same contract as `reference.selected_attention`. CUDA: `torch.ops.nsa.selected_attention` on the
+    generated Triton kernels (differentiable in q, k, v and gates). Elsewhere: the reference.
+    """
+    check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
+    if q.device.type != "cuda":
+        from . import reference
+
+        return reference.selected_attention(q, k, v, block_idx, block_valid, gates, block_size=block_size,
+                                            causal=causal, scale=scale)
+    out, _ = torch.ops.nsa.selected_attention(q, k, v, block_idx, block_valid, gates, block_size, causal,
+                                              float(scale))
+    return out

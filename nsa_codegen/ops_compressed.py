@@ -1,0 +1,256 @@
+"""Compressed attention (nsa-spec section 2) on generated Triton kernels.
+
+Layers, fla style: generated kernels (templates/cmp_{fwd,bwd}.py.j2) -> plain launchers
+(`compressed_attention_fwd_launch`, `compressed_attention_bwd_launch`: callable under TRITON_INTERPRET=1,
+no torch.library) -> `torch.ops.nsa.compressed_attention` (a `torch.library.triton_op`; autograd via
+`register_autograd`; CPU kernel = the reference) -> the public `compressed_attention` (same contract as
+`reference.compressed_attention`).
+
+Inputs (bnhd): q (b, n_q, H, d) unrotated; ck, cv (b, M + C, K, d) with the M memory rows first,
+H % K == 0 (kv head h // G, never expanded). Query i sits at position query_offset + i. Causal: memory
+rows always visible, compressed block w iff e_w = (w + 1) * stride - 1 < i (the invisible logits'
+NEG / 10 weigh exactly 0 beside the always-visible memory rows, so the kernels skip them); non-causal:
+all rows. The compress block size does not enter the rule. Any strides with a contiguous last dim:
+nothing is copied. Head dims: multiples of 8 in [16, 256]. Kernel outputs: out (b, n_q, H, d) in q's
+dtype and lse (b, n_q, H) fp32 (natural log). Gradients reach q, ck and cv (memory rows included).
+
+Variant: `cmp_{fwd,bwd}_g{G}_{causal|noncausal}` with G = H // K; M, the stride, n, the offset are runtime.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import cache, ops_window
+from .ops_window import (
+    _no_wrap,
+    check_attention_tensors,
+    check_flag,
+    check_int,
+    check_launch,
+    check_saved,
+    check_scale,
+    launch_config,
+)
+from .spec import VariantSpec
+
+# ----------------------------------------------------------------------------------------------------
+# validation (before any launch)
+
+
+def check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset=0) -> None:
+    """Raise ValueError / TypeError naming the offending argument and the allowed values."""
+    check_attention_tensors(q, ck, cv, "ck", "cv")
+    check_int("num_mem", num_mem, 1)
+    if num_mem > ck.shape[1]:
+        raise ValueError(
+            f"num_mem={num_mem} exceeds the {ck.shape[1]} rows of ck/cv (b, M + C, K, d): memory rows come first"
+        )
+    check_int("block_size", block_size, 1)
+    check_int("stride", stride, 1)
+    if stride > block_size:
+        raise ValueError(f"stride must satisfy 0 < stride <= block_size={block_size}, got {stride}")
+    check_flag("causal", causal)
+    check_scale(scale)
+    check_int("query_offset", query_offset, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch helpers
+
+
+def variant_specs(q, ck, causal: bool) -> tuple[VariantSpec, VariantSpec]:
+    """(forward, backward) variants from metadata only."""
+    group = q.shape[2] // ck.shape[2]
+    return VariantSpec("cmp_fwd", 0, group, bool(causal)), VariantSpec("cmp_bwd", 0, group, bool(causal))
+
+
+def _fwd(q, ck, cv, num_mem, stride, causal, scale, query_offset, wrap, config=None):
+    b, nq, h, d = q.shape
+    nkv, kh = ck.shape[1], ck.shape[2]
+    out = ops_window.alloc_output(q.shape, q.device, q.dtype)
+    lse = ops_window.alloc_output((b, nq, h), q.device, torch.float32)
+    if nq == 0 or b == 0:
+        return out, lse
+    module = cache.load_variant(variant_specs(q, ck, causal)[0])
+    constexprs, launch = launch_config(module, d, q.dtype, config)
+    grid = (triton.cdiv(nq, constexprs["BLOCK_M"] // module.GROUP), b * kh)
+    wrap(module.kernel)[grid](
+        q, ck, cv, out, lse,
+        *q.stride()[:3], *ck.stride()[:3], *cv.stride()[:3], *out.stride()[:3], *lse.stride(),
+        nq, nkv, int(query_offset), kh, int(num_mem), int(stride), float(scale),
+        **constexprs, **launch,
+    )
+    return out, lse
+
+
+def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset, wrap, config=None):
+    b, nq, h, d = q.shape
+    nkv, kh = ck.shape[1], ck.shape[2]
+    dq = ops_window.alloc_output(q.shape, q.device, q.dtype)
+    dck = ops_window.alloc_output(ck.shape, ck.device, ck.dtype)
+    dcv = ops_window.alloc_output(cv.shape, cv.device, cv.dtype)
+    if b == 0 or nq == 0:
+        return dq.zero_(), dck.zero_(), dcv.zero_()
+    module = cache.load_variant(variant_specs(q, ck, causal)[1])
+    constexprs, launch = launch_config(module, d, q.dtype, config)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    lse = lse.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)  # (b, n_q, H), contiguous like lse
+    common = (*q.stride()[:3], *ck.stride()[:3], *cv.stride()[:3], *dout.stride()[:3], *lse.stride())
+    scalars = (nq, nkv, int(query_offset), kh, int(num_mem), int(stride), float(scale))
+    tokens = constexprs["BLOCK_M"] // module.GROUP
+    wrap(module.dkdv_kernel)[(triton.cdiv(nkv, constexprs["BLOCK_N"]), b * kh)](
+        q, ck, cv, dout, lse, delta, dck, dcv, *common, *dck.stride()[:3], *dcv.stride()[:3], *scalars,
+        **constexprs, **launch,
+    )
+    wrap(module.dq_kernel)[(triton.cdiv(nq, tokens), b * kh)](
+        q, ck, cv, dout, lse, delta, dq, *common, *dq.stride()[:3], *scalars,
+        **constexprs, **launch,
+    )
+    return dq, dck, dcv
+
+
+# ----------------------------------------------------------------------------------------------------
+# plain launchers (interpreter-callable)
+
+
+def compressed_attention_fwd_launch(q, ck, cv, *, num_mem, block_size, stride, causal, scale, query_offset=0,
+                                    config=None):
+    """Launch the forward kernel; returns (out, lse). `config` overrides the tile config
+    ({'BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages'}; BLOCK_M >= G)."""
+    check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
+    check_launch(q, ck)
+    return _fwd(q, ck, cv, num_mem, stride, causal, scale, query_offset, _no_wrap, config)
+
+
+def compressed_attention_bwd_launch(q, ck, cv, out, lse, dout, *, num_mem, block_size, stride, causal, scale,
+                                    query_offset=0, config=None):
+    """Launch the backward kernels; returns (dq, dck, dcv) (memory rows included in dck, dcv)."""
+    check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
+    check_launch(q, ck)
+    check_saved(q, out, lse, dout)
+    return _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset, _no_wrap, config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library: nsa::compressed_attention (+ its backward op)
+
+
+def _reference(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset):
+    from . import reference
+
+    return reference.compressed_attention(q, ck, cv, num_mem=num_mem, block_size=block_size, stride=stride,
+                                          causal=causal, scale=scale, query_offset=query_offset)
+
+
+def reference_lse(q, ck, num_mem, stride, causal, scale, query_offset=0) -> torch.Tensor:
+    """lse (b, n_q, H) fp32 of the compressed-attention logits (any device; holds (n_q x (M + C)))."""
+    from . import reference
+
+    b, nq, h, d = q.shape
+    nkv, kh = ck.shape[1], ck.shape[2]
+    s = torch.einsum("bnkgd,bmkd->bnkgm", q.float().reshape(b, nq, kh, h // kh, d), ck.float()) * scale
+    if causal and nkv > num_mem:
+        vis = reference.compressed_visibility(nq, nkv - num_mem, stride, True, q.device, query_offset)
+        mem = torch.ones((nq, num_mem), dtype=torch.bool, device=q.device)
+        s = s.masked_fill(~torch.cat((mem, vis), 1)[None, :, None, None, :], float("-inf"))
+    return torch.logsumexp(s, -1).reshape(b, nq, h)
+
+
+@torch.library.triton_op("nsa::compressed_attention", mutates_args=())
+def _compressed_attention_op(
+    q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, num_mem: int, block_size: int, stride: int, causal: bool,
+    scale: float, query_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    return _fwd(q, ck, cv, num_mem, stride, causal, scale, query_offset, wrap_triton)
+
+
+@torch.library.triton_op("nsa::compressed_attention_backward", mutates_args=())
+def _compressed_attention_bwd_op(
+    q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+    num_mem: int, block_size: int, stride: int, causal: bool, scale: float, query_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    return _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset, wrap_triton)
+
+
+@_compressed_attention_op.register_kernel("cpu")
+def _compressed_attention_cpu(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset):
+    with torch.no_grad():
+        out, _ = _reference(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
+        lse = reference_lse(q, ck, num_mem, stride, causal, scale, query_offset)
+    return out.contiguous(), lse
+
+
+@_compressed_attention_bwd_op.register_kernel("cpu")
+def _compressed_attention_bwd_cpu(q, ck, cv, out, lse, dout, num_mem, block_size, stride, causal, scale,
+                                  query_offset):
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, ck, cv)]
+        o, _ = _reference(*inputs, num_mem, block_size, stride, causal, scale, query_offset)
+        grads = torch.autograd.grad(o, inputs, dout, allow_unused=True)
+    return tuple(torch.zeros_like(t) if gr is None else gr.contiguous() for gr, t in zip(grads, inputs))
+
+
+def _setup_context(ctx, inputs, output):
+    q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset = inputs
+    out, lse = output
+    ctx.save_for_backward(q, ck, cv, out, lse)
+    ctx.args = (num_mem, block_size, stride, causal, scale, query_offset)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, ck, cv, out, lse = ctx.saved_tensors
+    dq, dck, dcv = torch.ops.nsa.compressed_attention_backward(q, ck, cv, out, lse, dout, *ctx.args)
+    return dq, dck, dcv, None, None, None, None, None, None
+
+
+_compressed_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public
+
+
+def compressed_logits(q, ck, *, num_mem, stride, causal, scale, query_offset=0) -> torch.Tensor:
+    """The reference's second output in plain torch (differentiable): (b, n_q, H, C) scaled logits of the
+    non-memory columns, invisible entries NEG / 10. Holds an (n_q x C) tensor per head."""
+    from . import reference
+
+    b, nq, h, d = q.shape
+    nkv, kh = ck.shape[1], ck.shape[2]
+    c = nkv - num_mem
+    s = torch.einsum("bnkgd,bmkd->bnkgm", q.reshape(b, nq, kh, h // kh, d), ck[:, num_mem:]) * scale
+    if causal and c > 0:
+        vis = reference.compressed_visibility(nq, c, stride, True, q.device, query_offset)
+        s = s.masked_fill(~vis[None, :, None, None, :], reference.masked_value(s.dtype))
+    return s.reshape(b, nq, h, c)
+
+
+def compressed_attention(q, ck, cv, *, num_mem, block_size, stride, causal, scale, query_offset=0,
+                         return_logits=True):
+    """Compressed attention (nsa-spec section 2); returns (out, logits) like `reference.compressed_attention`:
+    out (b, n_q, H, d), logits (b, n_q, H, C) (None when `return_logits=False`).
+
+    CUDA: out from `torch.ops.nsa.compressed_attention` on the generated Triton kernels (differentiable in
+    q, ck, cv); the logits, only when asked for, from `compressed_logits` in torch (the fused importance /
+    top-k kernel never needs them). Elsewhere: the reference.
+    """
+    check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
+    if q.device.type != "cuda":
+        out, logits = _reference(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
+        return out, (logits if return_logits else None)
+    check_launch(q, ck)
+    out, _ = torch.ops.nsa.compressed_attention(q, ck, cv, int(num_mem), int(block_size), int(stride),
+                                                bool(causal), float(scale), int(query_offset))
+    logits = None
+    if return_logits:
+        logits = compressed_logits(q, ck, num_mem=num_mem, stride=stride, causal=causal, scale=scale,
+                                   query_offset=query_offset)
+    return out, logits

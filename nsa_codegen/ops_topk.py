@@ -1,0 +1,467 @@
+"""Fused importance scores + top-k block selection (nsa-spec section 4) on generated Triton kernels.
+
+Layers, fla style: generated kernels (templates/topk_{fwd,bwd}.py.j2) -> plain launchers
+(`select_topk_fwd_launch`, `select_topk_bwd_launch`: callable under TRITON_INTERPRET=1, no torch.library)
+-> `torch.ops.nsa.select_topk` (a `torch.library.triton_op`; autograd via `register_autograd`, the
+gradient of `values` reaching q and ck for use_diff_topk; CPU kernel = the reference) -> the public
+`select_topk`.
+
+`select_topk(q, ck, ...)` computes what `reference.compressed_attention` (logits) +
+`reference.importance_scores` + `reference.select_blocks` compute, without ever holding the (n x C)
+score matrix: q (b, n, H, d), ck (b, M + C, K, d) with the M memory rows first (any strides); returns
+block_idx int32, block_valid bool, values fp32, each (b, n, Hs, kk) with Hs = K (share) or H, and
+kk = min(num_selected, #candidates) (0 when num_selected == 0 or C == 0).
+
+Routing (by metadata only; never a silent numerical change):
+  mapping (a) l' == s, and (b) l' % s == 0, l' > s, not interpolated:
+      CUDA -> the generated kernels (torch.ops.nsa.select_topk); other devices -> the reference.
+  mapping (c) (l' < s, l' not a multiple of s, or l' > s with interpolated=True):
+      the reference on every device (reference.compressed_attention logits + importance_scores +
+      select_blocks: it holds the (n x C) logits and the token-level scores chunk by chunk).
+  `select_topk_route(...)` returns which of 'kernel' / 'reference' a call takes.
+
+Ties: the kernel ranks candidates by their fp32 scores with ties toward the lower block index (as the
+reference's stable sort does on probabilities). Blocks whose probability is 0 (invisible, the own
+block of (b)) come after every visible one in index order, as in the reference; a visible candidate
+whose probability underflows to 0 is ordered by score instead of index (it is invalid either way).
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+import triton
+
+from . import cache
+from .spec import VariantSpec
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIM_MAX = 256
+# Tests set this to True: outputs are filled with poison (NaN, index -7) before every launch so that a
+# test can check every element was written.
+POISON_OUTPUTS = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(x: int) -> int:
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def selection_mapping(stride: int, selection_block_size: int, interpolated: bool) -> str:
+    """'a', 'b' or 'c' (spec 4.4), the same rule as reference.selection_mapping."""
+    if selection_block_size == stride:
+        return "a"
+    if selection_block_size > stride and selection_block_size % stride == 0 and not interpolated:
+        return "b"
+    return "c"
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation (before any launch)
+
+
+def check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                 share, scale, interpolated=False, query_offset=0) -> dict:
+    """Raise ValueError / TypeError naming the offending argument and the allowed values; returns the
+    derived sizes (b, n, H, d, K, M, C, G, Hs, mapping, R, U, kk)."""
+    for name, t in (("q", q), ("ck", ck)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ({'(b, n, H, d)' if name == 'q' else '(b, M + C, K, d)'}), "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} dtype must be one of float16, bfloat16, float32; got {t.dtype}")
+    if q.dtype != ck.dtype:
+        raise TypeError(f"q and ck must share one dtype, got {q.dtype} and {ck.dtype}")
+    if q.device != ck.device:
+        raise ValueError(f"q and ck must be on one device, got {q.device} and {ck.device}")
+    b, n, H, d = q.shape
+    if ck.shape[0] != b or ck.shape[3] != d:
+        raise ValueError(f"ck shape {tuple(ck.shape)} must be (b, M + C, K, d) = ({b}, M + C, K, {d}) to match q")
+    K = ck.shape[2]
+    if K < 1 or H % K != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of kv heads K={K} (ck.shape[2])")
+    if n < 1:
+        raise ValueError(f"q must hold at least one token (n >= 1), got n={n}")
+    if not 1 <= d <= HEAD_DIM_MAX:
+        raise ValueError(f"unsupported head dim d={d}: supported are 1..{HEAD_DIM_MAX}")
+    if not _is_int(num_mem) or not 0 <= num_mem <= ck.shape[1]:
+        raise ValueError(f"num_mem must be an int in [0, ck.shape[1] = {ck.shape[1]}], got {num_mem!r}")
+    if not _is_int(stride) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    if not _is_int(compress_block_size) or compress_block_size < stride:
+        raise ValueError(f"compress_block_size must be an int >= stride ({stride}), got {compress_block_size!r}")
+    if not _is_int(selection_block_size) or selection_block_size < 1:
+        raise ValueError(f"selection_block_size must be a positive int, got {selection_block_size!r}")
+    if not _is_int(num_selected) or num_selected < 0:
+        raise ValueError(f"num_selected must be an int >= 0, got {num_selected!r}")
+    if not _is_int(query_offset) or query_offset < 0:
+        raise ValueError(f"query_offset must be an int >= 0, got {query_offset!r}")
+    for name, flag in (("causal", causal), ("share", share), ("interpolated", interpolated)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool (True or False), got {flag!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    C = ck.shape[1] - num_mem
+    G = H // K
+    mapping = selection_mapping(stride, selection_block_size, interpolated)
+    R = selection_block_size // stride if mapping != "c" else 0
+    if mapping == "c":
+        U = -(-(query_offset + n) // selection_block_size)
+    else:
+        U = C // R
+    kk = min(num_selected, U) if (num_selected > 0 and C > 0) else 0
+    return dict(b=b, n=n, H=H, d=d, K=K, M=num_mem, C=C, G=G, Hs=K if share else H, mapping=mapping, R=R,
+                U=U, kk=kk)
+
+
+def _check_launch_device(q) -> None:
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"the Triton launchers need CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}; "
+            "use nsa_codegen.ops_topk.select_topk, which runs the reference on CPU"
+        )
+
+
+def _check_kernel_mapping(info: dict) -> None:
+    if info["mapping"] == "c":
+        raise ValueError(
+            "the top-k kernels implement mappings (a) (selection_block_size == stride) and (b) "
+            "(selection_block_size a multiple of stride, > stride, interpolated=False); mapping (c) runs on "
+            "the reference: use nsa_codegen.ops_topk.select_topk"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch helpers
+
+
+def specs_for(q, ck, *, selection_block_size: int, causal: bool, share: bool) -> tuple[VariantSpec, VariantSpec]:
+    """(forward, backward) variants from metadata: group = G when the group shares its selection, else 1."""
+    group = q.shape[2] // ck.shape[2] if share else 1
+    return (
+        VariantSpec("topk_fwd", int(selection_block_size), group, bool(causal)),
+        VariantSpec("topk_bwd", int(selection_block_size), group, bool(causal)),
+    )
+
+
+@lru_cache(maxsize=None)
+def _pick_config(module, block_d: int, dtype_bytes: int) -> tuple[dict, dict]:
+    key = "max_d16" if dtype_bytes <= 2 else "max_d32"
+    fitting = [c for c in module.CONFIGS if c[key] >= block_d]
+    chosen = fitting[0] if fitting else max(module.CONFIGS, key=lambda c: c[key])
+    return ({"BLOCK_M": chosen["BLOCK_M"], "BLOCK_U": chosen["BLOCK_U"]},
+            {"num_warps": chosen["num_warps"], "num_stages": chosen["num_stages"]})
+
+
+def _config(module, d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, dict]:
+    if config is not None:  # explicit override (tests force small tiles to exercise the streaming)
+        return ({"BLOCK_M": config["BLOCK_M"], "BLOCK_U": config["BLOCK_U"]},
+                {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 1)})
+    return _pick_config(module, _pow2(max(16, d)), torch.finfo(dtype).bits // 8)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 dots on fp32 operands: exact products for fp32 inputs; for 16-bit inputs the group-averaged
+    # query is not representable in 16 bits, so tf32x3 keeps the scores at ~fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32x3"
+
+
+def _no_wrap(kernel):
+    return kernel
+
+
+def _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset, wrap, config=None):
+    b, n, H, d = q.shape
+    Hs, kk = info["Hs"], info["kk"]
+    idx = torch.empty((b, n, Hs, kk), device=q.device, dtype=torch.int32)
+    val = torch.empty((b, n, Hs, kk), device=q.device, dtype=torch.float32)
+    valid = torch.empty((b, n, Hs, kk), device=q.device, dtype=torch.bool)
+    lse = torch.empty((b, n, Hs), device=q.device, dtype=torch.float32)
+    if kk == 0:
+        lse.fill_(float("nan"))  # no selection: nothing to normalize (never read)
+        return idx, valid, val, lse
+    if POISON_OUTPUTS:
+        idx.fill_(-7), val.fill_(float("nan")), valid.fill_(True), lse.fill_(float("nan"))
+    module = cache.load_variant(specs_for(q, ck, selection_block_size=selection_block_size, causal=causal,
+                                          share=share)[0])
+    constexprs, launch = _config(module, d, q.dtype, config)
+    grid = (triton.cdiv(n, constexprs["BLOCK_M"]), b * Hs)
+    wrap(module.kernel)[grid](
+        q, ck, idx, val, valid, lse,
+        *q.stride(), *ck.stride(), *idx.stride(), *lse.stride(),
+        n, info["U"], kk, num_mem, 1 if share else info["G"], query_offset, float(scale), Hs,
+        D=d, BLOCK_D=_pow2(max(16, d)), R=info["R"], KP=max(2, _pow2(kk)), PREC=_precision(q.dtype),
+        **constexprs, **launch,
+    )
+    return idx, valid, val, lse
+
+
+def _bwd(q, ck, idx, val, lse, grad_values, info, num_mem, selection_block_size, causal, share, scale,
+         query_offset, wrap, config=None):
+    b, n, H, d = q.shape
+    Hs, kk = info["Hs"], info["kk"]
+    if kk == 0:
+        return torch.zeros_like(q), torch.zeros_like(ck)
+    module = cache.load_variant(specs_for(q, ck, selection_block_size=selection_block_size, causal=causal,
+                                          share=share)[1])
+    constexprs, launch = _config(module, d, q.dtype, config)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if POISON_OUTPUTS:
+        dq.fill_(float("nan"))
+    dck = torch.zeros(ck.shape, device=ck.device, dtype=torch.float32)  # atomics accumulate into it
+    grid = (triton.cdiv(n, constexprs["BLOCK_M"]), b * Hs)
+    wrap(module.kernel)[grid](
+        q, ck, idx, val, grad_values, lse, dq, dck,
+        *q.stride(), *ck.stride(), *idx.stride(), *grad_values.stride(), *lse.stride(), *dq.stride(),
+        *dck.stride(),
+        n, info["U"], kk, num_mem, 1 if share else info["G"], query_offset, float(scale), Hs,
+        D=d, BLOCK_D=_pow2(max(16, d)), R=info["R"], KP=max(2, _pow2(kk)), PREC=_precision(q.dtype),
+        **constexprs, **launch,
+    )
+    return dq, dck.to(ck.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# plain launchers (interpreter-callable)
+
+
+def select_topk_fwd_launch(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected,
+                           causal, share, scale, query_offset=0, config=None):
+    """Launch the forward kernel; returns (block_idx int32, block_valid, values fp32, lse fp32 (b, n, Hs)).
+    `config` ({'BLOCK_M', 'BLOCK_U', ...}) overrides the tile choice."""
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, False, query_offset)
+    _check_kernel_mapping(info)
+    _check_launch_device(q)
+    return _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset, _no_wrap, config)
+
+
+def select_topk_bwd_launch(q, ck, block_idx, values, lse, grad_values, *, num_mem, compress_block_size, stride,
+                           selection_block_size, num_selected, causal, share, scale, query_offset=0, config=None):
+    """Launch the backward kernel; returns (dq, dck): the gradient of sum(values * grad_values)."""
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, False, query_offset)
+    _check_kernel_mapping(info)
+    _check_launch_device(q)
+    shape = (info["b"], info["n"], info["Hs"], info["kk"])
+    for name, t in (("block_idx", block_idx), ("values", values), ("grad_values", grad_values)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if tuple(lse.shape) != shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {shape[:3]}, got {lse.dtype} {tuple(lse.shape)}")
+    return _bwd(q, ck, block_idx, values, lse, grad_values, info, num_mem, selection_block_size, causal, share,
+                scale, query_offset, _no_wrap, config)
+
+
+class _LaunchFunction(torch.autograd.Function):
+    """Autograd over the plain launchers (the interpreter path; CUDA code uses the torch.library op)."""
+
+    @staticmethod
+    def forward(ctx, q, ck, kwargs, config):
+        idx, valid, val, lse = select_topk_fwd_launch(q, ck, **kwargs, config=config)
+        ctx.save_for_backward(q, ck, idx, val, lse)
+        ctx.kwargs, ctx.config = kwargs, config
+        ctx.mark_non_differentiable(idx, valid, lse)
+        return idx, valid, val, lse
+
+    @staticmethod
+    def backward(ctx, d_idx, d_valid, d_val, d_lse):
+        q, ck, idx, val, lse = ctx.saved_tensors
+        if d_val is None:
+            return None, None, None, None
+        dq, dck = select_topk_bwd_launch(q, ck, idx, val, lse, d_val.contiguous(), **ctx.kwargs, config=ctx.config)
+        return dq, dck, None, None
+
+
+def select_topk_launch(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected,
+                       causal, share, scale, query_offset=0, config=None):
+    """Differentiable (values -> q, ck) forward through the plain launchers; returns
+    (block_idx, block_valid, values). For the interpreter and for tests; mappings (a) and (b) only."""
+    kwargs = dict(num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
+                  selection_block_size=selection_block_size, num_selected=num_selected, causal=causal,
+                  share=share, scale=scale, query_offset=query_offset)
+    idx, valid, val, _ = _LaunchFunction.apply(q, ck, kwargs, config)
+    return idx, valid, val
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference path (CPU kernel of the op, and mapping (c) everywhere)
+
+
+def reference_select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected,
+                          causal, share, scale, interpolated=False, query_offset=0):
+    """The oracle: reference.compressed_attention logits + importance_scores + select_blocks.
+    Returns (block_idx int64, block_valid, values) exactly as the reference computes them."""
+    from . import reference
+
+    b, n, H, d = q.shape
+    K = ck.shape[2]
+    _, logits = reference.compressed_attention(
+        q, ck, ck, num_mem=num_mem, block_size=compress_block_size, stride=stride, causal=causal, scale=scale,
+        query_offset=query_offset,
+    )
+    imp = reference.importance_scores(logits, groups=H // K, share=share, causal=causal, stride=stride,
+                                      query_offset=query_offset)
+    return reference.select_blocks(
+        imp, seq_len=query_offset + n, stride=stride, compress_block_size=compress_block_size,
+        selection_block_size=selection_block_size, num_selected=num_selected, causal=causal,
+        interpolated=interpolated, query_offset=query_offset,
+    )
+
+
+def _reference_lse(q, ck, info, selection_block_size, causal, scale, query_offset):
+    """(b, n, Hs) fp32 log-sum-exp of [null column, visible candidates] (mappings (a), (b)), chunked."""
+    b, n, H, d = q.shape
+    K, M, R, U, G = info["K"], info["M"], info["R"], info["U"], info["G"]
+    Hs = info["Hs"]
+    lse = torch.empty((b, n, Hs), device=q.device, dtype=torch.float32)
+    ckc = ck[:, M:M + U * R].float()  # (b, U*R, K, d)
+    ckc = ckc.reshape(b, U, R, K, d).mean(2)  # (b, U, K, d)
+    kv_of_row = torch.arange(Hs, device=q.device) // (1 if Hs == K else G)
+    ckr = ckc[:, :, kv_of_row]  # (b, U, Hs, d)
+    u = torch.arange(U, device=q.device)
+    chunk = 256
+    for i0 in range(0, n, chunk):
+        qi = q[:, i0:i0 + chunk].float()
+        qr = qi.reshape(b, qi.shape[1], K, G, d).mean(3) if Hs == K else qi  # (b, c, Hs, d)
+        s = torch.einsum("bchd,buhd->bchu", qr, ckr) * scale
+        pos = query_offset + torch.arange(i0, i0 + qi.shape[1], device=q.device)
+        own = pos // selection_block_size
+        vis = (u[None, :] < own[:, None]) if causal else torch.ones((len(pos), U), dtype=torch.bool, device=q.device)
+        if R > 1 and not causal:
+            vis = vis & (u[None, :] != own[:, None])
+        s = s.masked_fill(~vis[None, :, None, :], float("-inf"))
+        s = torch.cat((s.new_full((*s.shape[:-1], 1), -1000.0), s), -1)
+        lse[:, i0:i0 + qi.shape[1]] = torch.logsumexp(s, -1)
+    return lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library: nsa::select_topk (+ its backward op)
+
+
+@torch.library.triton_op("nsa::select_topk", mutates_args=())
+def _select_topk_op(
+    q: torch.Tensor, ck: torch.Tensor, num_mem: int, compress_block_size: int, stride: int,
+    selection_block_size: int, num_selected: int, causal: bool, share: bool, scale: float, query_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, False, query_offset)
+    _check_kernel_mapping(info)
+    return _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset, wrap_triton)
+
+
+@torch.library.triton_op("nsa::select_topk_backward", mutates_args=())
+def _select_topk_bwd_op(
+    q: torch.Tensor, ck: torch.Tensor, block_idx: torch.Tensor, values: torch.Tensor, lse: torch.Tensor,
+    grad_values: torch.Tensor, num_mem: int, compress_block_size: int, stride: int, selection_block_size: int,
+    num_selected: int, causal: bool, share: bool, scale: float, query_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, False, query_offset)
+    return _bwd(q, ck, block_idx, values, lse, grad_values, info, num_mem, selection_block_size, causal, share,
+                scale, query_offset, wrap_triton)
+
+
+@_select_topk_op.register_kernel("cpu")
+def _select_topk_cpu(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                     share, scale, query_offset):
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, False, query_offset)
+    _check_kernel_mapping(info)
+    with torch.no_grad():
+        idx, valid, val = reference_select_topk(
+            q, ck, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
+            selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
+            scale=scale, query_offset=query_offset)
+        lse = _reference_lse(q, ck, info, selection_block_size, causal, scale, query_offset)
+    return idx.to(torch.int32).contiguous(), valid.contiguous(), val.float().contiguous(), lse
+
+
+@_select_topk_bwd_op.register_kernel("cpu")
+def _select_topk_bwd_cpu(q, ck, block_idx, values, lse, grad_values, num_mem, compress_block_size, stride,
+                         selection_block_size, num_selected, causal, share, scale, query_offset):
+    with torch.enable_grad():
+        qq, cc = q.detach().requires_grad_(), ck.detach().requires_grad_()
+        _, _, val = reference_select_topk(
+            qq, cc, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
+            selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
+            scale=scale, query_offset=query_offset)
+        if val.numel() == 0:
+            return torch.zeros_like(q), torch.zeros_like(ck)
+        dq, dck = torch.autograd.grad(val, (qq, cc), grad_values.to(val.dtype), allow_unused=True)
+    dq = torch.zeros_like(q) if dq is None else dq
+    dck = torch.zeros_like(ck) if dck is None else dck
+    return dq, dck
+
+
+def _setup_context(ctx, inputs, output):
+    (q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share, scale,
+     query_offset) = inputs
+    idx, valid, val, lse = output
+    ctx.save_for_backward(q, ck, idx, val, lse)
+    ctx.args = (num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share, scale,
+                query_offset)
+    ctx.mark_non_differentiable(idx, valid, lse)
+
+
+def _backward(ctx, d_idx, d_valid, d_val, d_lse):
+    q, ck, idx, val, lse = ctx.saved_tensors
+    if d_val is None:
+        d_val = torch.zeros_like(val)
+    dq, dck = torch.ops.nsa.select_topk_backward(q, ck, idx, val, lse, d_val.contiguous(), *ctx.args)
+    return dq, dck, None, None, None, None, None, None, None, None, None
+
+
+_select_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public
+
+
+def select_topk_route(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                      share, scale, interpolated=False, query_offset=0) -> str:
+    """'kernel' (generated Triton kernels) or 'reference' for this call; raises on invalid arguments."""
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, interpolated, query_offset)
+    if info["mapping"] == "c":
+        return "reference"  # mapping (c): token-level expansion / interpolation stays on the reference
+    return "kernel" if q.device.type == "cuda" else "reference"
+
+
+def select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share,
+                scale, interpolated=False, query_offset=0):
+    """Importance scores + top-k block selection (nsa-spec section 4) from q and the compressed keys.
+
+    q (b, n, H, d), ck (b, M + C, K, d) (memory rows first). Returns (block_idx, block_valid, values),
+    each (b, n, Hs, kk): block_idx int32 on the kernel path (int64 on the reference path), values fp32
+    (promote(dtype, fp32)), differentiable w.r.t. q and ck (use_diff_topk). Matches
+    reference.compressed_attention + importance_scores + select_blocks; see the module docstring for
+    the routing ((c) always on the reference) and the tie rule.
+    """
+    route = select_topk_route(q, ck, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
+                              selection_block_size=selection_block_size, num_selected=num_selected, causal=causal,
+                              share=share, scale=scale, interpolated=interpolated, query_offset=query_offset)
+    if route == "reference":
+        return reference_select_topk(q, ck, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
+                                     selection_block_size=selection_block_size, num_selected=num_selected,
+                                     causal=causal, share=share, scale=scale, interpolated=interpolated,
+                                     query_offset=query_offset)
+    idx, valid, val, _ = torch.ops.nsa.select_topk(q, ck, num_mem, compress_block_size, stride, selection_block_size,
+                                                    num_selected, causal, share, float(scale), query_offset)
+    return idx, valid, val

@@ -1,0 +1,666 @@
+"""Pure-PyTorch Native Sparse Attention: the oracle for every kernel and the CPU path.
+
+Implements ``shared/docs/nsa-spec.md`` step by step, one function per step, in the layouts of
+``docs/interfaces.md``:
+
+- token tensors are (b, n, heads, d); query head ``h`` reads kv head ``h // G``;
+- compressed keys/values are (b, M + C, K, d) with the M memory rows first;
+- selection tensors are (b, n, Hs, kk) with ``Hs = K`` (shared selection) or ``Hs = H``.
+
+Everything computes in the input dtype (so it doubles as the "low-precision reference" of the
+numerics rule); softmaxes, rotary angles and the top-k probabilities upcast to at least fp32.
+GQA is handled by viewing queries as (K, G) groups, never by expanding k/v in memory.
+
+Memory: the token-level attentions (selected, sliding) and the token-level score mapping (c) are
+chunked over queries; when autograd is recording, each chunk runs under
+``torch.utils.checkpoint`` so that backward holds one chunk's intermediates at a time. No (n x n)
+tensor and no (n x kk*l' x d)-per-head tensor is ever held whole.
+
+Query positions: every function that takes queries also takes ``query_offset`` (default 0):
+query row ``r`` sits at token position ``query_offset + r``. Decoding passes the last position.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "NEG_FACTOR",
+    "NULL_LOGIT",
+    "VALID_THRESHOLD",
+    "neg_value",
+    "masked_value",
+    "rotary_freqs",
+    "apply_rotary",
+    "compress_windows",
+    "compress",
+    "prepend_memory",
+    "compressed_visibility",
+    "compressed_attention",
+    "importance_scores",
+    "selection_mapping",
+    "num_candidates",
+    "select_blocks",
+    "diff_topk_gates",
+    "block_diagonal_selection",
+    "selected_attention",
+    "sliding_window_attention",
+    "nsa_attention",
+]
+
+NEG_FACTOR = 10  # invisible logits are -finfo.max / 10
+NULL_LOGIT = -1000.0  # the null column of the selection softmax
+VALID_THRESHOLD = 1e-10  # a selected block is valid iff its probability > this
+
+# Budget (in elements) for the largest per-chunk intermediate of the chunked functions.
+# 2**22 fp32 elements = 16 MiB; a few such tensors live at once per chunk.
+CHUNK_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def neg_value(dtype: torch.dtype) -> float:
+    """``NEG = -finfo(dtype).max``."""
+    return -torch.finfo(dtype).max
+
+
+def masked_value(dtype: torch.dtype) -> float:
+    """The fill of invisible logits / scores: ``NEG / 10`` (finite)."""
+    return -torch.finfo(dtype).max / NEG_FACTOR
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in tensors
+    )
+
+
+def _run_chunk(fn: Callable, *args):
+    """Run ``fn(*args)``; under autograd, as a non-reentrant checkpoint (recomputed in backward)."""
+    if _needs_grad(*args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _chunk_len(n_q: int, per_query: int, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(1, min(max(n_q, 1), CHUNK_ELEMENTS // max(1, per_query)))
+
+
+def _positions(n: int, offset: int, device) -> Tensor:
+    return torch.arange(n, device=device, dtype=torch.long) + int(offset)
+
+
+def _split_heads_for_rows(H: int, K: int, Hs: int):
+    """For selection rows ``Hs`` (K shared, H unshared): (query heads per row, kv head of each row)."""
+    if H % K != 0:
+        raise ValueError(f"heads {H} not divisible by kv heads {K}")
+    G = H // K
+    if Hs == K:
+        return G, torch.arange(K)
+    if Hs == H:
+        return 1, torch.arange(H) // G
+    raise ValueError(f"selection rows {Hs} must equal kv heads {K} or query heads {H}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. rotary
+
+
+def rotary_freqs(d: int) -> Tensor:
+    """(d/2,) float32 frequencies ``10000 ** (-2i/d)`` (bit-identical to rotary-embedding-torch)."""
+    return 1.0 / (10000 ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+
+
+def apply_rotary(x: Tensor, freqs: Tensor, offset: int = 0) -> Tensor:
+    """Interleaved-pair RoPE on x (b, n, h, d); position = offset + token index.
+
+    Angles and the rotation are computed in ``promote(x.dtype, freqs.dtype, fp32)``, then cast back
+    to ``x.dtype`` (as rotary-embedding-torch does; unlike it, positions are exact integers even for
+    bf16/fp16 inputs, as the spec says ``pos`` = token index).
+    """
+    b, n, h, d = x.shape
+    half = freqs.shape[-1]
+    if 2 * half != d:
+        raise ValueError(f"freqs has {half} entries, head dim {d}")
+    cdt = torch.promote_types(_softmax_dtype(x.dtype), freqs.dtype)
+    pos = torch.arange(n, device=x.device, dtype=cdt) + offset
+    angle = pos[:, None] * freqs.to(device=x.device, dtype=cdt)[None, :]  # (n, d/2)
+    cos = angle.cos()[:, None, :]
+    sin = angle.sin()[:, None, :]
+    x1 = x[..., 0::2].to(cdt)
+    x2 = x[..., 1::2].to(cdt)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    return torch.stack((o1, o2), dim=-1).flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. compression
+
+
+def compress_windows(x: Tensor, positions: Tensor, block_size: int, stride: int) -> Tensor:
+    """x (b, n, K, d), positions (K, l, d) -> windows (b, K, C, l, d) with ``C = n // stride``.
+
+    Window ``w`` holds the original tokens ``[w*s - (l - s), (w+1)*s)``: tokens ``[0, C*s)`` are
+    left-padded with ``l - s`` zero rows and read with a strided view (``unfold``); only the final
+    ``+ positions`` materializes the windows.
+    """
+    b, n, K, d = x.shape
+    l, s = int(block_size), int(stride)
+    if not (0 < s <= l):
+        raise ValueError(f"need 0 < stride {s} <= block_size {l}")
+    C = n // s
+    pos = positions.to(dtype=x.dtype)
+    if C == 0:
+        return x.new_zeros((b, K, 0, l, d)) + pos[None, :, None]
+    xs = x[:, : C * s]
+    if l > s:
+        xs = F.pad(xs, (0, 0, 0, 0, l - s, 0))  # left-pad the token dim
+    win = xs.unfold(1, l, s)  # (b, C, K, d, l), a view
+    win = win.permute(0, 2, 1, 4, 3)  # (b, K, C, l, d)
+    return win + pos[None, :, None]
+
+
+def compress(x: Tensor, positions: Tensor, mlp: Callable, block_size: int, stride: int) -> Tensor:
+    """x (b, n, K, d) -> compressed (b, C, K, d); ``mlp`` maps (b, K, C, l, d) -> (b, K, C, d)."""
+    win = compress_windows(x, positions, block_size, stride)
+    out = mlp(win)
+    return out.transpose(1, 2).contiguous()
+
+
+def prepend_memory(ck: Tensor, cv: Tensor, mem: Tensor) -> tuple[Tensor, Tensor]:
+    """ck, cv (b, C, K, d), mem (2, K, M, d) -> (b, M + C, K, d) each, memory rows first."""
+    b = ck.shape[0]
+    mk = mem[0].transpose(0, 1).to(ck.dtype)  # (M, K, d)
+    mv = mem[1].transpose(0, 1).to(cv.dtype)
+    ck = torch.cat((mk.unsqueeze(0).expand(b, *mk.shape), ck), dim=1)
+    cv = torch.cat((mv.unsqueeze(0).expand(b, *mv.shape), cv), dim=1)
+    return ck, cv
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. compressed attention
+
+
+def compressed_visibility(
+    n: int, C: int, stride: int, causal: bool, device=None, query_offset: int = 0
+) -> Tensor:
+    """(n, C) bool: causal -> block ``w`` visible to query ``i`` iff ``e_w = (w+1)*s - 1 < i``."""
+    if not causal:
+        return torch.ones((n, C), dtype=torch.bool, device=device)
+    pos = _positions(n, query_offset, device)
+    last = (torch.arange(C, device=device) + 1) * stride - 1
+    return last[None, :] < pos[:, None]
+
+
+def compressed_attention(
+    q: Tensor,
+    ck: Tensor,
+    cv: Tensor,
+    *,
+    num_mem: int,
+    block_size: int,
+    stride: int,
+    causal: bool,
+    scale: float,
+    query_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Spec 2. q (b, n, H, d) unrotated; ck, cv (b, M + C, K, d) memory rows first.
+
+    Returns ``out`` (b, n, H, d) and ``logits`` (b, n, H, C): the scaled logits of the non-memory
+    columns, invisible entries already ``NEG / 10`` (rebuild the mask with ``compressed_visibility``).
+    ``block_size`` does not enter the visibility rule (only the stride does); it is accepted for the
+    contract's signature.
+    """
+    del block_size
+    b, n, H, d = q.shape
+    MC, K = ck.shape[1], ck.shape[2]
+    G = H // K
+    C = MC - num_mem
+    qg = q.reshape(b, n, K, G, d)
+    S = torch.einsum("bnkgd,bmkd->bnkgm", qg, ck) * scale  # (b, n, K, G, M + C)
+    if causal and C > 0:
+        vis = compressed_visibility(n, C, stride, True, q.device, query_offset)
+        mask = torch.cat((torch.ones((n, num_mem), dtype=torch.bool, device=q.device), vis), dim=1)
+        S = S.masked_fill(~mask[None, :, None, None, :], masked_value(S.dtype))
+    P = S.to(_softmax_dtype(S.dtype)).softmax(dim=-1).to(cv.dtype)
+    out = torch.einsum("bnkgm,bmkd->bnkgd", P, cv).reshape(b, n, H, d)
+    logits = S[..., num_mem:].reshape(b, n, H, C)
+    return out, logits
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. importance scores and block selection
+
+
+def importance_scores(
+    logits: Tensor, *, groups: int, share: bool, causal: bool, stride: int, query_offset: int = 0
+) -> Tensor:
+    """Spec 4.1-4.2. logits (b, n, H, C) -> (b, n, K, C) if ``share`` else (b, n, H, C).
+
+    The shared mean never sums masked values: invisible entries are zeroed, the G heads averaged,
+    and the invisible entries refilled with ``NEG / 10``.
+    """
+    b, n, H, C = logits.shape
+    vis = compressed_visibility(n, C, stride, causal, logits.device, query_offset)[None, :, None, :]
+    x = logits
+    if share and groups > 1:
+        if causal:
+            x = x.masked_fill(~vis, 0)
+        x = x.reshape(b, n, H // groups, groups, C).mean(dim=3)
+    if causal:
+        x = x.masked_fill(~vis, masked_value(x.dtype))
+    return x
+
+
+def selection_mapping(stride: int, selection_block_size: int, interpolated: bool) -> str:
+    """Which mapping of spec 4.4 applies: ``'a'``, ``'b'`` or ``'c'``."""
+    if selection_block_size == stride:
+        return "a"
+    if selection_block_size > stride and selection_block_size % stride == 0 and not interpolated:
+        return "b"
+    return "c"
+
+
+def num_candidates(seq_len: int, C: int, stride: int, selection_block_size: int, interpolated: bool) -> int:
+    """Number of candidate selection blocks of spec 4.4."""
+    m = selection_mapping(stride, selection_block_size, interpolated)
+    if m == "a":
+        return C
+    if m == "b":
+        return C // (selection_block_size // stride)
+    return -(-seq_len // selection_block_size)
+
+
+def _candidates_c(
+    imp: Tensor, pos: Tensor, *, stride: int, sel: int, U: int, causal: bool, interpolated: bool
+) -> Tensor:
+    """Mapping (c), token level, for queries at ``pos`` (Q,): imp (b, Q, Hs, C) -> (b, Q, Hs, U)."""
+    b, Q, Hs, C = imp.shape
+    s = stride
+    dev = imp.device
+    P = U * sel
+    t = torch.arange(P, device=dev)
+    V = torch.clamp(pos // s, max=C) if causal else torch.full_like(pos, C)
+    # token t is scored iff its compressed block t // s is visible, i.e. t < V * s (<= C * s)
+    tvis = t[None, :] < (V * s)[:, None]  # (Q, P)
+    if C == 0:
+        tok = imp.new_zeros((b, Q, Hs, P))
+    elif not interpolated:
+        w = torch.clamp(t // s, max=C - 1)
+        tok = imp[..., w]  # (b, Q, Hs, P)
+    else:
+        cdt = _softmax_dtype(imp.dtype)
+        x = (t.to(cdt) + 0.5) / s - 0.5  # half-pixel source coordinate (P,)
+        vmax = torch.clamp(V - 1, min=0).to(cdt)[:, None]  # (Q, 1)
+        xc = torch.minimum(torch.clamp(x[None, :], min=0.0), vmax)  # clamp to [0, V - 1]
+        i0 = torch.floor(xc)
+        frac = xc - i0
+        i0 = i0.long()
+        i1 = torch.minimum(i0 + 1, vmax.long())
+        src = imp.to(cdt)
+        g0 = torch.gather(src, -1, i0[None, :, None, :].expand(b, Q, Hs, P))
+        g1 = torch.gather(src, -1, i1[None, :, None, :].expand(b, Q, Hs, P))
+        fr = frac[None, :, None, :]
+        tok = ((1 - fr) * g0 + fr * g1).to(imp.dtype)
+    # average each l' chunk, never summing masked tokens; a chunk with a masked token is masked
+    tok = tok.masked_fill(~tvis[None, :, None, :], 0)
+    x = tok.reshape(b, Q, Hs, U, sel).mean(dim=-1)
+    cvis = tvis.reshape(Q, U, sel).all(dim=-1)
+    x = x.masked_fill(~cvis[None, :, None, :], masked_value(x.dtype))
+    own = torch.arange(U, device=dev)[None, :] == (pos // sel)[:, None]
+    return x.masked_fill(own[None, :, None, :], neg_value(x.dtype))
+
+
+def _candidates_ab(
+    imp: Tensor, pos: Tensor, *, mapping: str, stride: int, sel: int, U: int, causal: bool
+) -> Tensor:
+    """Mappings (a) and (b) for queries at ``pos`` (Q,): imp (b, Q, Hs, C) -> (b, Q, Hs, U)."""
+    if mapping == "a":
+        return imp
+    b, Q, Hs, C = imp.shape
+    s = stride
+    dev = imp.device
+    r = sel // s
+    if causal:
+        last = (torch.arange(C, device=dev) + 1) * s - 1
+        bvis = (last[None, :] < pos[:, None])[:, : U * r]  # (Q, U*r)
+    else:
+        bvis = torch.ones((Q, U * r), dtype=torch.bool, device=dev)
+    gvis = bvis.reshape(Q, U, r).all(dim=-1)  # (Q, U)
+    x = imp[..., : U * r].masked_fill(~bvis[None, :, None, :], 0)
+    x = x.reshape(b, Q, Hs, U, r).mean(dim=-1)
+    x = x.masked_fill(~gvis[None, :, None, :], masked_value(x.dtype))
+    own = torch.arange(U, device=dev)[None, :] == (pos // sel)[:, None]
+    return x.masked_fill(own[None, :, None, :], neg_value(x.dtype))
+
+
+def _select_chunk(imp: Tensor, pos: Tensor, cfg: dict):
+    m = cfg["mapping"]
+    if m == "c":
+        cand = _candidates_c(
+            imp, pos, stride=cfg["stride"], sel=cfg["sel"], U=cfg["U"], causal=cfg["causal"],
+            interpolated=cfg["interpolated"],
+        )
+    else:
+        cand = _candidates_ab(
+            imp, pos, mapping=m, stride=cfg["stride"], sel=cfg["sel"], U=cfg["U"], causal=cfg["causal"]
+        )
+    cand = cand.to(_softmax_dtype(cand.dtype))
+    null = cand.new_full((*cand.shape[:-1], 1), NULL_LOGIT)
+    p = torch.cat((null, cand), dim=-1).softmax(dim=-1)[..., 1:]
+    # top-k with ties toward the lower block index: a stable descending sort
+    vals, idx = torch.sort(p, dim=-1, descending=True, stable=True)
+    kk = cfg["kk"]
+    vals, idx = vals[..., :kk], idx[..., :kk]
+    return vals, idx, vals > VALID_THRESHOLD
+
+
+def select_blocks(
+    imp: Tensor,
+    *,
+    seq_len: int,
+    stride: int,
+    compress_block_size: int,
+    selection_block_size: int,
+    num_selected: int,
+    causal: bool,
+    interpolated: bool,
+    query_offset: int = 0,
+    chunk_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Spec 4.3-5. imp (b, n_q, Hs, C) -> (block_idx int64, block_valid bool, values) (b, n_q, Hs, kk).
+
+    ``seq_len`` is the token length n (candidates of (c) cover ``ceil(n / l')`` blocks); query row
+    ``r`` sits at position ``query_offset + r``. ``kk = 0`` (k == 0, C == 0 or no candidate) means
+    5b: ``selected_attention`` then does the causal own block; non-causal callers use
+    ``block_diagonal_selection``. ``values`` are the null-column softmax probabilities in
+    ``promote(imp.dtype, fp32)``, differentiable w.r.t. ``imp`` (for ``use_diff_topk``).
+    ``compress_block_size`` does not enter the selection (only the stride does).
+    """
+    del compress_block_size
+    b, nq, Hs, C = imp.shape
+    sel = int(selection_block_size)
+    mapping = selection_mapping(stride, sel, interpolated)
+    U = num_candidates(seq_len, C, stride, sel, interpolated)
+    kk = min(int(num_selected), U) if (num_selected > 0 and C > 0) else 0
+    vdt = _softmax_dtype(imp.dtype)
+    if kk == 0:
+        shape = (b, nq, Hs, 0)
+        return (
+            torch.zeros(shape, dtype=torch.long, device=imp.device),
+            torch.zeros(shape, dtype=torch.bool, device=imp.device),
+            imp.new_zeros(shape, dtype=vdt),
+        )
+    cfg = dict(mapping=mapping, stride=stride, sel=sel, U=U, kk=kk, causal=causal,
+               interpolated=interpolated)
+    per_query = b * Hs * (U * sel if mapping == "c" else max(U, C)) * 4
+    Qc = _chunk_len(nq, per_query, chunk_size)
+    pos_all = _positions(nq, query_offset, imp.device)
+    outs = [
+        _run_chunk(_select_chunk, imp[:, q0 : q0 + Qc], pos_all[q0 : q0 + Qc], cfg)
+        for q0 in range(0, nq, Qc)
+    ]
+    vals = torch.cat([o[0] for o in outs], dim=1)
+    idx = torch.cat([o[1] for o in outs], dim=1)
+    valid = torch.cat([o[2] for o in outs], dim=1)
+    return idx, valid, vals
+
+
+def diff_topk_gates(values: Tensor) -> Tensor:
+    """``use_diff_topk`` gates: forward value 1, gradient of ``values``."""
+    return values + (1.0 - values).detach()
+
+
+def block_diagonal_selection(
+    b: int, n: int, Hs: int, block_size: int, device=None, query_offset: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Spec 5b as a selection: every query selects its own block ``i // l'`` (valid)."""
+    own = _positions(n, query_offset, device) // block_size
+    idx = own[None, :, None, None].expand(b, n, Hs, 1).contiguous()
+    return idx, torch.ones((b, n, Hs, 1), dtype=torch.bool, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. selected attention
+
+
+def _selected_chunk(q, idx, valid, gates, kb, vb, q0, cfg):
+    b, Q, H, d = q.shape
+    l, causal, scale, Gs, nk = cfg["l"], cfg["causal"], cfg["scale"], cfg["Gs"], cfg["nk"]
+    kvh = cfg["kvh"].to(q.device)
+    Hs = kvh.shape[0]
+    nblk = kb.shape[1]
+    dev = q.device
+    pos = cfg["offset"] + q0 + torch.arange(Q, device=dev)
+    if causal:
+        own = (pos // l)[None, :, None, None].expand(b, Q, Hs, 1)
+        idx = torch.cat((idx, own), dim=-1)
+        valid = torch.cat((valid, torch.ones_like(own, dtype=torch.bool)), dim=-1)
+        if gates is not None:
+            gates = torch.cat((gates, gates.new_ones((b, Q, Hs, 1))), dim=-1)
+    E = idx.shape[-1]
+    idx = idx.long().clamp(0, nblk - 1)
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    kg = kb[bi, idx, :, kvh[None, None, :, None]]  # (b, Q, Hs, E, l, d)
+    vg = vb[bi, idx, :, kvh[None, None, :, None]]
+    tok = idx[..., None] * l + torch.arange(l, device=dev)  # (b, Q, Hs, E, l)
+    mask = valid[..., None] & (tok < nk)
+    if causal:
+        is_own = torch.zeros(E, dtype=torch.bool, device=dev)
+        is_own[-1] = True
+        mask = mask & (~is_own[:, None] | (tok <= pos[None, :, None, None, None]))
+    qg = q.reshape(b, Q, Hs, Gs, d)
+    s = torch.matmul(qg, kg.reshape(b, Q, Hs, E * l, d).transpose(-1, -2)) * scale  # (b,Q,Hs,Gs,E*l)
+    if gates is not None:
+        s = (s.reshape(b, Q, Hs, Gs, E, l) * gates.to(s.dtype)[:, :, :, None, :, None]).reshape(
+            b, Q, Hs, Gs, E * l
+        )
+    sdt = _softmax_dtype(s.dtype)
+    m = mask.reshape(b, Q, Hs, 1, E * l)
+    p = s.to(sdt).masked_fill(~m, torch.finfo(sdt).min).softmax(dim=-1).to(vg.dtype)
+    o = torch.matmul(p, vg.reshape(b, Q, Hs, E * l, d))  # (b, Q, Hs, Gs, d)
+    if not causal:
+        has = m.any(dim=-1, keepdim=True)  # (b, Q, Hs, 1, 1)
+        o = o * has.to(o.dtype)
+    return o.reshape(b, Q, H, d)
+
+
+def selected_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_idx: Tensor,
+    block_valid: Tensor,
+    gates: Optional[Tensor] = None,
+    *,
+    block_size: int,
+    causal: bool,
+    scale: float,
+    query_offset: int = 0,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Spec 5. q (b, n_q, H, d), k, v (b, n, K, d) rotated; block_idx/valid/gates (b, n_q, Hs, kk).
+
+    Query ``i`` attends to the tokens ``j < n`` of its valid selected blocks (each listed block once
+    per listing, no token mask: causal selections are strictly earlier by construction), and when
+    causal also to its own block ``i // l'`` restricted to ``j <= i`` (gate 1). Non-causal: a query
+    with no key gets 0. Gates multiply the selected keys; this is computed as ``gate * (q . k)`` on
+    the logit (identical math, gradient reaches ``gates``). Invalid entries may hold any index.
+    """
+    b, nq, H, d = q.shape
+    nk, K = k.shape[1], k.shape[2]
+    Hs, kk = block_idx.shape[2], block_idx.shape[3]
+    Gs, kvh = _split_heads_for_rows(H, K, Hs)
+    l = int(block_size)
+    nblk = max(1, -(-nk // l))
+    pad = nblk * l - nk
+    kb = F.pad(k, (0, 0, 0, 0, 0, pad)).reshape(b, nblk, l, K, d)
+    vb = F.pad(v, (0, 0, 0, 0, 0, pad)).reshape(b, nblk, l, K, d)
+    E = kk + (1 if causal else 0)
+    cfg = dict(l=l, causal=causal, scale=scale, Gs=Gs, nk=nk, kvh=kvh, offset=int(query_offset))
+    Qc = _chunk_len(nq, b * Hs * max(E, 1) * l * d, chunk_size)
+    block_valid = block_valid.to(torch.bool)
+    outs = []
+    for q0 in range(0, nq, Qc):
+        sl = slice(q0, q0 + Qc)
+        g = None if gates is None else gates[:, sl]
+        outs.append(
+            _run_chunk(_selected_chunk, q[:, sl], block_idx[:, sl], block_valid[:, sl], g, kb, vb, q0, cfg)
+        )
+    if not outs:
+        return q.new_zeros((b, 0, H, d))
+    return torch.cat(outs, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. sliding window
+
+
+def _sliding_chunk(q, k, v, q0, cfg):
+    b, Q, H, d = q.shape
+    nk, K = k.shape[1], k.shape[2]
+    G = H // K
+    W, causal, scale = cfg["window"], cfg["causal"], cfg["scale"]
+    dev = q.device
+    p0 = cfg["offset"] + q0
+    pos = p0 + torch.arange(Q, device=dev)
+    lo = max(0, p0 - W)
+    hi = min(nk, p0 + Q + (0 if causal else W))
+    hi = max(hi, lo)
+    kc, vc = k[:, lo:hi], v[:, lo:hi]
+    j = lo + torch.arange(hi - lo, device=dev)
+    dist = pos[:, None] - j[None, :]  # (Q, Kc)
+    mask = (dist <= W) & ((dist >= 0) if causal else (dist >= -W))
+    s = torch.einsum("bqkgd,bjkd->bqkgj", q.reshape(b, Q, K, G, d), kc) * scale
+    sdt = _softmax_dtype(s.dtype)
+    m = mask[None, :, None, None, :]
+    p = s.to(sdt).masked_fill(~m, torch.finfo(sdt).min).softmax(dim=-1).to(vc.dtype)
+    o = torch.einsum("bqkgj,bjkd->bqkgd", p, vc)
+    has = mask.any(dim=-1)[None, :, None, None, None]
+    o = o * has.to(o.dtype)
+    return o.reshape(b, Q, H, d)
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    causal: bool,
+    scale: float,
+    query_offset: int = 0,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Spec 6. q (b, n_q, H, d), k, v (b, n, K, d) rotated.
+
+    Causal: keys ``j`` in ``[i - W, i]``; non-causal: ``|i - j| <= W``; always ``0 <= j < n``.
+    (A query with no key, only possible with an out-of-range ``query_offset``, gets 0.)
+    """
+    b, nq, H, d = q.shape
+    W = int(window)
+    span = W if causal else 2 * W
+    cfg = dict(window=W, causal=causal, scale=scale, offset=int(query_offset))
+    if chunk_size is None:
+        Qc = 256
+        while Qc > 1 and b * H * Qc * (Qc + span + 1) > CHUNK_ELEMENTS:
+            Qc //= 2
+    else:
+        Qc = max(1, int(chunk_size))
+    outs = [_run_chunk(_sliding_chunk, q[:, q0 : q0 + Qc], k, v, q0, cfg) for q0 in range(0, nq, Qc)]
+    if not outs:
+        return q.new_zeros((b, 0, H, d))
+    return torch.cat(outs, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the functional core
+
+
+def nsa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ck: Tensor,
+    cv: Tensor,
+    gate_logits: Tensor,
+    *,
+    freqs: Tensor,
+    num_mem: int,
+    compress_block_size: int,
+    stride: int,
+    selection_block_size: int,
+    num_selected: int,
+    window: int,
+    causal: bool,
+    scale: float,
+    share: bool = True,
+    interpolated: bool = False,
+    use_diff_topk: bool = False,
+    selected_attention_fn: Optional[Callable] = None,
+    return_parts: bool = False,
+):
+    """Spec 2-7 on already-projected tensors; returns the gated per-head output (b, n, H, d).
+
+    q (b, n, H, d), k, v (b, n, K, d) *unrotated*; ck, cv (b, M + C, K, d) compressed with the
+    memory rows first; gate_logits (b, n, 3H) laid out ``(h s)`` or (b, n, H, 3), pre-sigmoid;
+    freqs (d/2,) rotary frequencies. ``selected_attention_fn`` (default: this module's
+    ``selected_attention``) lets the module plug in ``ops.selected_attention``. Head merge and
+    ``combine_heads`` are left to the caller. ``return_parts=True`` also returns a dict with
+    ``o_cmp, o_slc, o_swa, gates, block_idx, block_valid, values``.
+    """
+    b, n, H, d = q.shape
+    K = k.shape[2]
+    G = H // K
+    C = ck.shape[1] - num_mem
+    sel_fn = selected_attention if selected_attention_fn is None else selected_attention_fn
+
+    o_cmp, logits = compressed_attention(
+        q, ck, cv, num_mem=num_mem, block_size=compress_block_size, stride=stride, causal=causal,
+        scale=scale,
+    )
+    qr = apply_rotary(q, freqs)
+    kr = apply_rotary(k, freqs)
+
+    Hs = K if share else H
+    idx = torch.zeros((b, n, Hs, 0), dtype=torch.long, device=q.device)
+    valid = torch.zeros((b, n, Hs, 0), dtype=torch.bool, device=q.device)
+    vals = None
+    if num_selected > 0 and C > 0:
+        imp = importance_scores(logits, groups=G, share=share, causal=causal, stride=stride)
+        idx, valid, vals = select_blocks(
+            imp, seq_len=n, stride=stride, compress_block_size=compress_block_size,
+            selection_block_size=selection_block_size, num_selected=num_selected, causal=causal,
+            interpolated=interpolated,
+        )
+    sel_gates = None
+    if idx.shape[-1] == 0:
+        vals = None
+        if not causal:  # 5b, non-causal: the whole own block
+            idx, valid = block_diagonal_selection(b, n, Hs, selection_block_size, q.device)
+    elif use_diff_topk:
+        sel_gates = diff_topk_gates(vals)
+    o_slc = sel_fn(qr, kr, v, idx, valid, sel_gates, block_size=selection_block_size, causal=causal,
+                   scale=scale)
+    o_swa = sliding_window_attention(qr, kr, v, window=window, causal=causal, scale=scale)
+
+    g = gate_logits.reshape(b, n, H, 3).sigmoid().to(q.dtype)
+    out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
+    if return_parts:
+        return out, dict(o_cmp=o_cmp, o_slc=o_slc, o_swa=o_swa, gates=g, block_idx=idx,
+                         block_valid=valid, values=vals)
+    return out

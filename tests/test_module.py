@@ -1,0 +1,356 @@
+"""SparseAttention (nsa_codegen.module) on CPU: the seed's grid, an extended grid, argument checks,
+custom sub-networks, state-dict layout and initialisation.
+
+Gradient rule (encoded in `expected_grad`, never skipped): after `out.backward`, every trainable
+parameter has a finite gradient that is non-zero somewhere, except the compression networks and the
+intra-block positions (`k_compress.*`, `v_compress.*`, `k_intrablock_positions`,
+`v_intrablock_positions`) when no query sees any compressed block: their only route to the output is
+a compressed key/value that some query attends to. Non-causal: block 0 exists iff n >= s (C = n // s).
+Causal: query i sees block w iff (w + 1) * s - 1 < i, so some query sees block 0 iff n - 1 > s - 1,
+i.e. n > s. (Short sequences the seed runs: n = 1 with s = 4 and, causal, n = 4 with s = 4.) Then their
+gradient is None or all zero. `rotary_emb.freqs` is a frozen parameter (requires_grad=False) and never
+gets one. `compress_mem_kv` always does: the memory values are always attended.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from nsa_codegen import SparseAttention
+
+COMPRESSION_PARAMS = ("k_compress.", "v_compress.", "k_intrablock_positions", "v_intrablock_positions")
+
+
+def sees_compressed_block(seq_len: int, stride: int, causal: bool) -> bool:
+    """Whether any query attends to a compressed block (see the module docstring)."""
+    return seq_len > stride if causal else seq_len >= stride
+
+
+def expected_grad(name: str, seq_len: int, stride: int, causal: bool) -> bool | None:
+    """True: finite and non-zero somewhere; False: None or all zero; None: frozen, no grad."""
+    if name == "rotary_emb.freqs":
+        return None
+    if name.startswith(COMPRESSION_PARAMS):
+        return sees_compressed_block(seq_len, stride, causal)
+    return True
+
+
+def check_forward_backward(attn: SparseAttention, seq_len: int, batch: int = 2):
+    x = torch.randn(batch, seq_len, attn.dim, requires_grad=True)
+    out = attn(x)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    stride, causal = attn.compress_block_sliding_stride, attn.causal
+    for name, param in attn.named_parameters():
+        want = expected_grad(name, seq_len, stride, causal)
+        grad = param.grad
+        if want is None:
+            assert not param.requires_grad and grad is None, name
+        elif want:
+            assert grad is not None, f"{name}: no gradient"
+            assert torch.isfinite(grad).all(), f"{name}: non-finite gradient"
+            assert grad.abs().sum() > 0, f"{name}: gradient is zero everywhere"
+        else:
+            assert grad is None or (grad == 0).all(), f"{name}: unexpected gradient"
+    mem_v_grad = attn.compress_mem_kv.grad[1]
+    assert mem_v_grad.abs().sum() > 0, "memory values are always attended"
+
+
+# --------------------------------------------------------------------------------------------------
+# the seed's grid, verbatim (dim 512, dim_head 64, heads 8, window 2, compress block 4)
+
+
+@pytest.mark.parametrize("use_diff_topk", (False, True))
+@pytest.mark.parametrize("causal", (False, True))
+@pytest.mark.parametrize("seq_len", (1, 4, 31, 32, 120))
+@pytest.mark.parametrize("kv_heads", (8, 4))
+@pytest.mark.parametrize("selection_block_size", (8, 4, 2))
+@pytest.mark.parametrize("num_selected_block", (0, 2))
+@pytest.mark.parametrize("query_heads_share_selected_kv", (False, True))
+@pytest.mark.parametrize("interpolated_importance_score", (False, True))
+def test_sparse_attn(use_diff_topk, causal, seq_len, kv_heads, selection_block_size,
+                     num_selected_block, query_heads_share_selected_kv,
+                     interpolated_importance_score):
+    attn = SparseAttention(
+        dim=512,
+        dim_head=64,
+        heads=8,
+        kv_heads=kv_heads,
+        causal=causal,
+        sliding_window_size=2,
+        compress_block_size=4,
+        selection_block_size=selection_block_size,
+        num_selected_blocks=num_selected_block,
+        use_diff_topk=use_diff_topk,
+        query_heads_share_selected_kv=query_heads_share_selected_kv,
+        interpolated_importance_score=interpolated_importance_score,
+    )
+    check_forward_backward(attn, seq_len)
+
+
+# --------------------------------------------------------------------------------------------------
+# extended: compress block {8, 4} x stride {2, 4} x selection {8, 16, 32} (0.2.3's grid axes) with
+# interpolation on and off. Reduced to keep CPU time down: kv_heads 4 only (GQA; MHA is covered by
+# the seed grid), and use_diff_topk tied to query_heads_share_selected_kv (both values of each occur).
+
+
+@pytest.mark.parametrize("causal", (False, True))
+@pytest.mark.parametrize("seq_len", (1, 4, 31, 32, 120))
+@pytest.mark.parametrize("compress_block_size,stride", [(8, 2), (8, 4), (4, 2), (4, 4)])
+@pytest.mark.parametrize("selection_block_size", (8, 16, 32))
+@pytest.mark.parametrize("num_selected_block", (0, 2))
+@pytest.mark.parametrize("share_and_diff", [(True, False), (False, True)])
+@pytest.mark.parametrize("interpolated_importance_score", (False, True))
+def test_sparse_attn_strided(causal, seq_len, compress_block_size, stride, selection_block_size,
+                             num_selected_block, share_and_diff, interpolated_importance_score):
+    share, use_diff_topk = share_and_diff
+    attn = SparseAttention(
+        dim=512, dim_head=64, heads=8, kv_heads=4, causal=causal, sliding_window_size=2,
+        compress_block_size=compress_block_size, compress_block_sliding_stride=stride,
+        selection_block_size=selection_block_size, num_selected_blocks=num_selected_block,
+        use_diff_topk=use_diff_topk, query_heads_share_selected_kv=share,
+        interpolated_importance_score=interpolated_importance_score,
+    )
+    check_forward_backward(attn, seq_len)
+
+
+@pytest.mark.parametrize("causal", (False, True))
+@pytest.mark.parametrize("selection_block_size,stride", [(3, 4), (6, 4), (5, 2), (12, 8)])
+def test_selection_not_multiple_of_stride(causal, selection_block_size, stride):
+    """Mapping (c) without interpolation: l' < s or l' not a multiple of s."""
+    attn = SparseAttention(dim=64, dim_head=16, heads=4, kv_heads=2, causal=causal,
+                           sliding_window_size=3, compress_block_size=8,
+                           compress_block_sliding_stride=stride,
+                           selection_block_size=selection_block_size, num_selected_blocks=3,
+                           use_diff_topk=True)
+    check_forward_backward(attn, 45)
+
+
+def test_no_norm_and_more_memory_rows():
+    attn = SparseAttention(dim=64, dim_head=16, heads=4, sliding_window_size=4,
+                           compress_block_size=4, selection_block_size=4, num_selected_blocks=2,
+                           num_compressed_mem_kv=3, norm=False, causal=True)
+    assert "norm.weight" not in attn.state_dict()
+    assert attn.compress_mem_kv.shape == (2, 4, 3, 16)
+    check_forward_backward(attn, 33)
+
+
+def test_empty_sequence():
+    attn = SparseAttention(dim=64, dim_head=16, heads=4, sliding_window_size=2,
+                           compress_block_size=4, selection_block_size=4, num_selected_blocks=2)
+    out = attn(torch.randn(2, 0, 64))
+    assert out.shape == (2, 0, 64)
+
+
+def test_last_paths_cpu_is_reference():
+    attn = SparseAttention(dim=64, dim_head=16, heads=4, sliding_window_size=2,
+                           compress_block_size=4, selection_block_size=4, num_selected_blocks=2,
+                           use_triton_kernel=True, causal=True)
+    attn(torch.randn(1, 20, 64))
+    assert attn.last_paths == {"compressed": "reference", "selected": "reference",
+                               "sliding": "reference"}
+
+
+# --------------------------------------------------------------------------------------------------
+# state dict layout and initialisation (spec "State dict" and "Constructor")
+
+
+def test_state_dict_names_shapes_and_init():
+    dim, d, H, K, l, M = 96, 16, 6, 2, 8, 2
+    attn = SparseAttention(dim=dim, dim_head=d, heads=H, kv_heads=K, sliding_window_size=4,
+                           compress_block_size=l, compress_block_sliding_stride=4,
+                           selection_block_size=8, num_selected_blocks=2, num_compressed_mem_kv=M,
+                           compress_mlp_expand_factor=0.5)
+    hidden = int(0.5 * l * d)
+    shapes = {
+        "norm.weight": (dim,),
+        "to_qkv.weight": ((H + 2 * K) * d, dim),
+        "compress_mem_kv": (2, K, M, d),
+        "k_intrablock_positions": (K, l, d),
+        "v_intrablock_positions": (K, l, d),
+        "k_compress.1.weight": (hidden, l * d), "k_compress.1.bias": (hidden,),
+        "k_compress.3.weight": (d, hidden), "k_compress.3.bias": (d,),
+        "v_compress.1.weight": (hidden, l * d), "v_compress.1.bias": (hidden,),
+        "v_compress.3.weight": (d, hidden), "v_compress.3.bias": (d,),
+        "rotary_emb.freqs": (d // 2,),
+        "to_strategy_combine.0.weight": (3 * H, dim),
+        "to_strategy_combine.0.bias": (3 * H,),
+        "combine_heads.weight": (dim, H * d),
+    }
+    state = attn.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == shapes
+    assert (state["compress_mem_kv"] == 0).all()
+    assert (state["k_intrablock_positions"] == 0).all() and (state["v_intrablock_positions"] == 0).all()
+    assert (state["to_strategy_combine.0.weight"] == 0).all()
+    assert state["to_strategy_combine.0.bias"].tolist() == [-2.0, -2.0, 2.0] * H
+    for a, b in zip(attn.k_compress.parameters(), attn.v_compress.parameters()):
+        assert torch.equal(a, b)  # phi_v is a deep copy of phi_k
+        assert a.data_ptr() != b.data_ptr()
+    freqs = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
+    torch.testing.assert_close(state["rotary_emb.freqs"], freqs)
+    assert not attn.rotary_emb.freqs.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# custom sub-networks
+
+
+class MeanPoolCompress(nn.Module):
+    """A compress_mlp: (b, K, C, l, d) -> (b, K, C, d)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, windows):
+        assert windows.ndim == 5
+        return self.proj(windows.mean(dim=-2))
+
+
+def test_custom_compress_mlp_sequential():
+    d, l = 16, 4
+    mlp = nn.Sequential(nn.Flatten(start_dim=-2), nn.Linear(l * d, 2 * l * d), nn.SiLU(),
+                        nn.Linear(2 * l * d, d))
+    attn = SparseAttention(dim=64, dim_head=d, heads=4, kv_heads=2, sliding_window_size=2,
+                           compress_block_size=l, compress_block_sliding_stride=2,
+                           selection_block_size=4, num_selected_blocks=2, compress_mlp=mlp,
+                           causal=True)
+    assert attn.k_compress is not mlp and attn.v_compress is not mlp
+    assert set(attn.state_dict()) >= {"k_compress.1.weight", "v_compress.3.bias"}
+    check_forward_backward(attn, 31)
+
+
+def test_custom_compress_mlp_module():
+    attn = SparseAttention(dim=64, dim_head=16, heads=4, sliding_window_size=2,
+                           compress_block_size=4, selection_block_size=8, num_selected_blocks=2,
+                           compress_mlp=MeanPoolCompress(16))
+    check_forward_backward(attn, 31)
+
+
+def test_custom_strategy_combine_mlp():
+    dim, H = 64, 4
+    mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, 3 * H))
+    attn = SparseAttention(dim=dim, dim_head=16, heads=H, sliding_window_size=2,
+                           compress_block_size=4, selection_block_size=4, num_selected_blocks=2,
+                           strategy_combine_mlp=mlp, causal=True)
+    assert attn.to_strategy_combine[0] is mlp
+    check_forward_backward(attn, 31)
+
+
+def test_bad_custom_modules_are_reported():
+    attn = SparseAttention(dim=64, dim_head=16, heads=4, sliding_window_size=2,
+                           compress_block_size=4, selection_block_size=4, num_selected_blocks=2,
+                           compress_mlp=nn.Flatten(start_dim=-2))
+    with pytest.raises(ValueError, match="compress_mlp"):
+        attn(torch.randn(1, 16, 64))
+    attn = SparseAttention(dim=64, dim_head=16, heads=4, sliding_window_size=2,
+                           compress_block_size=4, selection_block_size=4, num_selected_blocks=2,
+                           strategy_combine_mlp=nn.Linear(64, 5))
+    with pytest.raises(ValueError, match="strategy_combine_mlp"):
+        attn(torch.randn(1, 16, 64))
+
+
+# --------------------------------------------------------------------------------------------------
+# argument validation: ValueError naming the argument
+
+
+BASE = dict(dim=64, dim_head=16, heads=4, sliding_window_size=2, compress_block_size=4,
+            selection_block_size=4, num_selected_blocks=2)
+
+BAD_ARGS = [
+    ("dim", 0), ("dim", -3), ("dim", 64.0), ("dim_head", 0), ("dim_head", 15), ("heads", 0),
+    ("kv_heads", 3), ("kv_heads", 0), ("kv_heads", 8),
+    ("sliding_window_size", 0), ("sliding_window_size", -1),
+    ("compress_block_size", 0), ("compress_block_size", -4),
+    ("compress_block_sliding_stride", 0), ("compress_block_sliding_stride", -2),
+    ("compress_block_sliding_stride", 5), ("compress_block_sliding_stride", 2.0),
+    ("selection_block_size", 0), ("selection_block_size", -8),
+    ("num_selected_blocks", -1), ("num_selected_blocks", True),
+    ("num_compressed_mem_kv", 0), ("num_compressed_mem_kv", -1),
+    ("compress_mlp_expand_factor", 0.0), ("compress_mlp_expand_factor", -1.0),
+    ("compress_mlp_expand_factor", "2"),
+    ("compress_mlp", "not-a-module"), ("strategy_combine_mlp", "linear"),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_ARGS, ids=[f"{n}={v!r}" for n, v in BAD_ARGS])
+def test_bad_constructor_argument(name, value):
+    with pytest.raises(ValueError, match=name):
+        SparseAttention(**{**BASE, name: value})
+
+
+def test_heads_message_says_what_is_allowed():
+    with pytest.raises(ValueError, match=r"heads \(4\) must be divisible by kv_heads \(3\)"):
+        SparseAttention(**{**BASE, "kv_heads": 3})
+    with pytest.raises(ValueError, match=r"compress_block_sliding_stride \(5\) must be in \[1"):
+        SparseAttention(**{**BASE, "compress_block_sliding_stride": 5})
+
+
+def test_valid_edge_arguments():
+    SparseAttention(**{**BASE, "num_selected_blocks": 0})
+    SparseAttention(**{**BASE, "compress_block_sliding_stride": 4})
+    SparseAttention(**{**BASE, "compress_block_sliding_stride": 1})
+    SparseAttention(**{**BASE, "kv_heads": 1})
+
+
+@pytest.mark.parametrize("shape,match", [((64,), "rank 3"), ((2, 64), "rank 3"),
+                                         ((1, 2, 3, 64), "rank 3"), ((2, 5, 63), "dim=64")])
+def test_bad_input_shape(shape, match):
+    attn = SparseAttention(**BASE)
+    with pytest.raises(ValueError, match=f"inp.*{match}"):
+        attn(torch.randn(shape))
+
+
+def test_bad_input_dtype_and_type():
+    attn = SparseAttention(**BASE)
+    with pytest.raises(ValueError, match="inp dtype must be floating"):
+        attn(torch.ones(1, 4, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="inp must be a torch.Tensor"):
+        attn([[0.0] * 64])
+
+
+def test_cache_on_non_causal_module():
+    attn = SparseAttention(**BASE, causal=False)
+    with pytest.raises(ValueError, match="return_cache.*causal"):
+        attn(torch.randn(1, 8, 64), return_cache=True)
+    causal = SparseAttention(**BASE, causal=True)
+    _, cache = causal(torch.randn(1, 8, 64), return_cache=True)
+    with pytest.raises(ValueError, match="cache.*causal"):
+        attn(torch.randn(1, 1, 64), cache=cache)
+
+
+def test_cache_with_more_than_one_token():
+    attn = SparseAttention(**BASE, causal=True)
+    _, cache = attn(torch.randn(1, 8, 64), return_cache=True)
+    with pytest.raises(ValueError, match="exactly one new token"):
+        attn(torch.randn(1, 2, 64), cache=cache)
+    with pytest.raises(ValueError, match="cache must be the DecodeCache"):
+        attn(torch.randn(1, 1, 64), cache=(cache.k, cache.v))
+    with pytest.raises(ValueError, match="cache.k has shape"):
+        attn(torch.randn(3, 1, 64), cache=cache)  # batch mismatch
+
+
+def test_defaults():
+    attn = SparseAttention(**BASE)
+    assert attn.kv_heads == attn.heads == 4
+    assert attn.compress_block_sliding_stride == attn.compress_block_size == 4
+    assert not attn.causal and attn.use_triton_kernel and attn.query_heads_share_selected_kv
+    assert attn.num_mem_compress_kv == 1
+    # positional order is the seed's (0.0.75): ..., selection_block_size, num_selected_blocks, kv_heads
+    positional = SparseAttention(64, 16, 4, 2, 4, 8, 3, 2)
+    assert (positional.selection_block_size, positional.num_selected_blocks,
+            positional.kv_heads) == (8, 3, 2)
+
+
+def test_grad_rule_matches_definition():
+    """The short cases of the grids really hit both sides of the rule."""
+    cases = itertools.product((1, 2, 3, 4, 5, 8, 9), (2, 4), (False, True))
+    for n, s, causal in cases:
+        C = n // s
+        visible = any((w + 1) * s - 1 < i for w in range(C) for i in range(n)) if causal else C > 0
+        assert sees_compressed_block(n, s, causal) == visible

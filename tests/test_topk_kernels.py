@@ -1,0 +1,444 @@
+"""Fused importance + top-k selection kernels (templates/topk_{fwd,bwd}.py.j2, nsa_codegen/ops_topk.py)
+against the reference (compressed_attention logits + importance_scores + select_blocks).
+
+Interpreter lane (default, CPU, TRITON_INTERPRET=1): fp32 (and one fp16 case), small shapes: n in
+{1, 31, 77}, C up to 38, G in {1, 2, 4, 16}, shared / unshared, causal / non-causal, mapping (a)
+(R = l'/s = 1) and (b) (R in {2, 4}), k in {0, 1, 3, more than the candidates}. GPU lane
+(`pytest -m gpu`, bf16 / fp16): the numerics rule of design.md against the fp32 reference.
+
+How selections are compared (ties may break differently from torch.topk): per (b, i, row)
+  - values, sorted descending as both sides emit them, agree within `tol` slot by slot;
+  - every kernel index is a distinct candidate whose *reference* probability equals the kernel's value
+    at that slot within `tol`, and is at least the reference's kk-th value minus `tol` (so a different
+    index is only accepted for a near-tie);
+  - valid == (values > 1e-10); and where the reference value is clear of the 1e-10 threshold by `tol`,
+    the kernel's validity agrees with it.
+Gradients (use_diff_topk): the reference's full probability vector (select_blocks with every candidate)
+gathered at the *kernel's* indices gives the oracle of sum(g * values); its gradient w.r.t. q and ck
+is compared with the kernel's backward. In fp32 the kernel's sets also equal the reference's exactly.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated kernel is imported
+
+from nsa_codegen import ops_topk, reference  # noqa: E402
+from nsa_codegen.render import render  # noqa: E402
+from nsa_codegen.spec import VariantSpec  # noqa: E402
+
+SMALL = {"BLOCK_M": 16, "BLOCK_U": 16, "num_warps": 4, "num_stages": 1}
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_inputs(b, n, H, K, d, M, s, dtype=torch.float32, device="cpu", seed=0, grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    C = n // s
+    q = torch.randn(b, n, H, d, generator=gen).to(device=device, dtype=dtype)
+    ck = torch.randn(b, M + C, K, d, generator=gen).to(device=device, dtype=dtype)
+    return q.requires_grad_(grad), ck.requires_grad_(grad)
+
+
+def kwargs_for(M, s, lsel, k, causal, share, d, l=None):
+    return dict(num_mem=M, compress_block_size=l or s, stride=s, selection_block_size=lsel, num_selected=k,
+                causal=causal, share=share, scale=d ** -0.5)
+
+
+def full_reference_p(q, ck, kw):
+    """Reference probabilities of every candidate, dense (b, n, Hs, U), differentiable."""
+    info = ops_topk.check_inputs(q, ck, **kw)
+    U = info["U"]
+    kw_all = dict(kw, num_selected=max(U, 1))
+    idx, _, val = ops_topk.reference_select_topk(q, ck, **kw_all)
+    if idx.shape[-1] == 0:
+        return val
+    return torch.zeros_like(val).scatter(-1, idx, val)
+
+
+def check_selection(idx, valid, val, ref_idx, ref_val, p_full, tol):
+    """The near-tie-aware comparison described in the module docstring."""
+    assert idx.shape == ref_idx.shape == val.shape == valid.shape, (idx.shape, ref_idx.shape)
+    assert idx.dtype == torch.int32 and val.dtype == torch.float32 and valid.dtype == torch.bool
+    kk = idx.shape[-1]
+    if kk == 0:
+        return
+    assert torch.isfinite(val).all(), "non-finite (unwritten?) values"
+    ref_val = ref_val.float()
+    err = (val - ref_val).abs().max().item()
+    assert err <= tol, f"sorted values differ by {err:.3e} > {tol:.3e}"
+    assert (val[..., 1:] <= val[..., :-1]).all(), "values not in descending order"
+    U = p_full.shape[-1]
+    il = idx.long()
+    assert ((il >= 0) & (il < U)).all(), f"index out of [0, {U})"
+    srt = il.sort(-1).values
+    assert (srt[..., 1:] != srt[..., :-1]).all(), "repeated block in a row"
+    p_at = p_full.float().gather(-1, il)
+    gap = (p_at - val).abs().max().item()
+    assert gap <= tol, f"kernel value differs from the reference probability of its block by {gap:.3e}"
+    kth = ref_val[..., -1:]
+    short = (p_at < kth - tol)
+    assert not short.any(), f"{int(short.sum())} selected blocks are clearly outside the reference's top-k"
+    assert torch.equal(valid, val > reference.VALID_THRESHOLD)
+    clear = (ref_val - reference.VALID_THRESHOLD).abs() > tol
+    assert torch.equal(valid[clear], (ref_val > reference.VALID_THRESHOLD)[clear])
+
+
+def grad_oracle(q, ck, kw, idx, g):
+    """d/d(q, ck) of sum(g * p_ref[idx]) through the reference."""
+    qq, cc = q.detach().clone().requires_grad_(), ck.detach().clone().requires_grad_()
+    p = full_reference_p(qq, cc, kw)
+    vals = p.gather(-1, idx.long())
+    dq, dck = torch.autograd.grad(vals, (qq, cc), g.to(vals.dtype), allow_unused=True)
+    return (torch.zeros_like(qq) if dq is None else dq), (torch.zeros_like(cc) if dck is None else dck)
+
+
+def rel_err(a, b):
+    return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# interpreter lane: forward
+
+
+# (b, n, H, K, d, M, s, l', k, causal, share): mapping (a) when l' == s, (b) when l' = R * s
+FORWARD_CASES = [
+    # mapping (a)
+    (1, 77, 4, 2, 16, 1, 2, 2, 3, True, True),
+    (2, 77, 4, 2, 16, 2, 2, 2, 3, False, True),
+    (1, 77, 4, 1, 16, 1, 2, 2, 1, True, False),
+    (1, 31, 2, 2, 16, 1, 1, 1, 40, True, True),  # k > C = 31: every candidate, invisible ones in index order
+    (1, 31, 2, 2, 16, 1, 1, 1, 40, False, False),
+    (1, 77, 16, 1, 32, 1, 4, 4, 3, True, True),  # G = 16 shared
+    (1, 77, 16, 1, 32, 1, 4, 4, 3, False, False),
+    (1, 1, 2, 1, 16, 1, 1, 1, 3, True, True),  # n = 1: one candidate, invisible
+    (1, 1, 2, 1, 16, 1, 1, 1, 3, False, False),
+    # mapping (b), R = 2 and 4
+    (1, 77, 4, 2, 16, 1, 2, 4, 3, True, True),
+    (2, 77, 4, 2, 16, 2, 2, 4, 3, False, True),
+    (1, 77, 8, 2, 16, 1, 2, 8, 3, True, False),  # unshared under GQA (G = 4)
+    (1, 77, 8, 2, 16, 1, 2, 8, 100, False, False),  # k > U = 9: own block last, probability 0
+    (1, 77, 8, 4, 16, 1, 2, 8, 100, True, True),  # k > U, causal
+    (1, 31, 16, 1, 16, 1, 1, 4, 1, True, True),  # G = 16, k = 1
+    (1, 31, 4, 4, 16, 3, 1, 2, 3, False, True),  # G = 1 shared, 3 memory rows
+    (1, 77, 2, 1, 16, 1, 4, 16, 2, True, False),  # R = 4, U = 4
+    # k = 0, C == 0 and #candidates == 0: kk = 0, no launch
+    (1, 31, 4, 2, 16, 1, 2, 4, 0, True, True),
+    (1, 1, 4, 2, 16, 1, 2, 2, 3, True, True),
+    (1, 7, 4, 2, 16, 1, 2, 8, 3, False, True),
+]
+
+
+def _case_id(c):
+    b, n, H, K, d, M, s, lsel, k, causal, share = c
+    return f"b{b}n{n}H{H}K{K}s{s}l{lsel}k{k}{'C' if causal else 'N'}{'S' if share else 'U'}"
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    monkeypatch.setattr(ops_topk, "POISON_OUTPUTS", True)
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=_case_id)
+def test_forward_matches_reference(case, poison):
+    b, n, H, K, d, M, s, lsel, k, causal, share = case
+    q, ck = make_inputs(b, n, H, K, d, M, s, seed=hash(case) % 1000)
+    kw = kwargs_for(M, s, lsel, k, causal, share, d)
+    idx, valid, val, lse = ops_topk.select_topk_fwd_launch(q, ck, **kw)
+    ref_idx, ref_valid, ref_val = ops_topk.reference_select_topk(q, ck, **kw)
+    check_selection(idx, valid, val, ref_idx, ref_val, full_reference_p(q, ck, kw), tol=1e-6)
+    # fp32, random data: no near-ties, so the sets and even the order are the reference's
+    assert torch.equal(idx.long(), ref_idx) and torch.equal(valid, ref_valid)
+    if idx.shape[-1]:
+        info = ops_topk.check_inputs(q, ck, **kw)
+        ref_lse = ops_topk._reference_lse(q, ck, info, lsel, causal, kw["scale"], 0)
+        assert (lse - ref_lse).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("R", [1, 4])
+def test_forward_streams_over_tiles(causal, R, poison):
+    """16 x 16 tiles: several query tiles and candidate tiles per program, merges across tiles."""
+    s = 1 if R == 1 else 2
+    q, ck = make_inputs(1, 77, 4, 2, 16, 1, s, seed=R + 10 * causal)
+    kw = kwargs_for(1, s, R * s, 5, causal, True, 16)
+    idx, valid, val, _ = ops_topk.select_topk_fwd_launch(q, ck, **kw, config=SMALL)
+    ref_idx, ref_valid, ref_val = ops_topk.reference_select_topk(q, ck, **kw)
+    check_selection(idx, valid, val, ref_idx, ref_val, full_reference_p(q, ck, kw), tol=1e-6)
+    assert torch.equal(idx.long(), ref_idx) and torch.equal(valid, ref_valid)
+
+
+def test_forward_ties_break_toward_lower_index(poison):
+    """Duplicated compressed keys give exactly equal scores: the lower block index comes first."""
+    q, ck = make_inputs(1, 31, 2, 1, 16, 1, 1, seed=3)
+    ck = ck.clone()
+    ck[:, 1 + 16:] = ck[:, 1:16]  # blocks 16.. repeat blocks 0..14
+    kw = kwargs_for(1, 1, 1, 6, False, True, 16)
+    idx, valid, val, _ = ops_topk.select_topk_fwd_launch(q, ck, **kw, config=SMALL)
+    ref_idx, ref_valid, ref_val = ops_topk.reference_select_topk(q, ck, **kw)
+    assert torch.equal(idx.long(), ref_idx)
+    assert (val - ref_val).abs().max() <= 1e-6
+
+
+def test_forward_fp16_numerics_rule(poison):
+    b, n, H, K, d, M, s, lsel, k = 1, 77, 8, 2, 32, 1, 2, 4, 4
+    for causal, share in ((True, True), (False, False)):
+        q, ck = make_inputs(b, n, H, K, d, M, s, dtype=torch.float16, seed=5)
+        kw = kwargs_for(M, s, lsel, k, causal, share, d)
+        idx, valid, val, _ = ops_topk.select_topk_fwd_launch(q, ck, **kw)
+        q32, ck32 = q.float(), ck.float()
+        ref_idx, _, ref_val = ops_topk.reference_select_topk(q32, ck32, **kw)
+        _, _, low_val = ops_topk.reference_select_topk(q, ck, **kw)
+        tol = 2 * (low_val.float() - ref_val).abs().max().item() + 1e-5
+        check_selection(idx, valid, val, ref_idx, ref_val, full_reference_p(q32, ck32, kw), tol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# interpreter lane: gradients (use_diff_topk)
+
+
+GRAD_CASES = [
+    (1, 77, 4, 2, 16, 1, 2, 2, 3, True, True),
+    (1, 77, 4, 2, 16, 2, 2, 2, 3, False, False),
+    (1, 77, 8, 2, 16, 1, 2, 8, 3, True, False),
+    (1, 77, 4, 2, 16, 1, 2, 4, 100, False, True),  # every candidate selected, own block included
+    (1, 31, 16, 1, 16, 1, 1, 2, 3, True, True),
+    (2, 31, 2, 2, 16, 1, 1, 4, 1, False, True),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=_case_id)
+def test_gradients_match_reference(case, poison):
+    b, n, H, K, d, M, s, lsel, k, causal, share = case
+    q, ck = make_inputs(b, n, H, K, d, M, s, seed=hash(case) % 1000, grad=True)
+    kw = kwargs_for(M, s, lsel, k, causal, share, d)
+    idx, valid, val = ops_topk.select_topk_launch(q, ck, **kw)
+    g = torch.randn_like(val)
+    dq, dck = torch.autograd.grad(val, (q, ck), g)
+    ref_idx, _, ref_val = ops_topk.reference_select_topk(q, ck, **kw)
+    rdq, rdck = torch.autograd.grad(ref_val, (q, ck), g)  # sets are equal in fp32 (checked)
+    assert torch.equal(idx.long(), ref_idx)
+    assert torch.isfinite(dq).all() and torch.isfinite(dck).all()
+    assert rel_err(dq, rdq) <= 1e-4, rel_err(dq, rdq)
+    assert rel_err(dck, rdck) <= 1e-4, rel_err(dck, rdck)
+    assert (dck[:, :M] == 0).all()  # memory rows never enter the selection
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_stream_over_tiles(causal, poison):
+    q, ck = make_inputs(1, 77, 4, 2, 16, 1, 2, seed=21 + causal, grad=True)
+    kw = kwargs_for(1, 2, 4, 5, causal, False, 16)
+    idx, valid, val = ops_topk.select_topk_launch(q, ck, **kw, config=SMALL)
+    g = torch.randn_like(val)
+    dq, dck = torch.autograd.grad(val, (q, ck), g)
+    rdq, rdck = grad_oracle(q, ck, kw, idx, g)
+    assert rel_err(dq, rdq) <= 1e-4 and rel_err(dck, rdck) <= 1e-4
+
+
+def test_gradients_fp16_numerics_rule(poison):
+    b, n, H, K, d, M, s, lsel, k = 1, 77, 4, 2, 32, 1, 2, 4, 3
+    q, ck = make_inputs(b, n, H, K, d, M, s, dtype=torch.float16, seed=8, grad=True)
+    kw = kwargs_for(M, s, lsel, k, True, True, d)
+    idx, valid, val = ops_topk.select_topk_launch(q, ck, **kw)
+    g = torch.randn_like(val)
+    dq, dck = torch.autograd.grad(val, (q, ck), g)
+    rdq, rdck = grad_oracle(q.float(), ck.float(), kw, idx, g)
+    ldq, ldck = grad_oracle(q, ck, kw, idx, g)
+    for name, got, ref, low in (("dq", dq, rdq, ldq), ("dck", dck, rdck, ldck)):
+        err = (got.float() - ref).abs().max().item()
+        bound = 2 * (low.float() - ref).abs().max().item() + 1e-5
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
+
+
+def test_backward_poisoned_outputs_written(poison):
+    q, ck = make_inputs(1, 31, 4, 2, 16, 1, 1, seed=2)
+    kw = kwargs_for(1, 1, 2, 3, True, True, 16)
+    idx, valid, val, lse = ops_topk.select_topk_fwd_launch(q, ck, **kw)
+    dq, dck = ops_topk.select_topk_bwd_launch(q, ck, idx, val, lse, torch.randn_like(val), **kw)
+    assert torch.isfinite(dq).all() and torch.isfinite(dck).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# routing, validation, op registration, rendering (no kernel launch)
+
+
+def test_routing_is_explicit():
+    q, ck = make_inputs(1, 16, 2, 1, 16, 1, 2)
+    base = kwargs_for(1, 2, 4, 2, True, True, 16)
+    assert ops_topk.select_topk_route(q, ck, **base) == "reference"  # CPU tensors
+    assert ops_topk.select_topk_route(q, ck, **dict(base, selection_block_size=3)) == "reference"
+    # mapping (c) never reaches the kernels, whatever the device
+    for lsel, interp in ((1, False), (3, False), (4, True)):
+        info = ops_topk.check_inputs(q, ck, **dict(base, selection_block_size=lsel), interpolated=interp)
+        assert info["mapping"] == "c"
+        with pytest.raises(ValueError, match="mapping \\(c\\)"):
+            ops_topk._check_kernel_mapping(info)
+    with pytest.raises(ValueError, match="mapping \\(c\\)"):
+        ops_topk.select_topk_fwd_launch(q, ck, **dict(base, selection_block_size=3))
+    # (a) with interpolation is still (a)
+    assert ops_topk.check_inputs(q, ck, **dict(base, selection_block_size=2), interpolated=True)["mapping"] == "a"
+
+
+def test_public_select_topk_on_cpu_is_the_reference():
+    q, ck = make_inputs(1, 31, 4, 2, 16, 1, 2, grad=True)
+    for lsel, interp in ((4, False), (3, False), (4, True)):
+        kw = kwargs_for(1, 2, lsel, 3, True, True, 16)
+        got = ops_topk.select_topk(q, ck, **kw, interpolated=interp)
+        want = ops_topk.reference_select_topk(q, ck, **kw, interpolated=interp)
+        for a, b_ in zip(got, want):
+            assert torch.equal(a, b_)
+    assert got[2].requires_grad
+
+
+def test_cpu_op_kernel_is_the_reference():
+    q, ck = make_inputs(1, 31, 4, 2, 16, 1, 2, seed=4)
+    kw = kwargs_for(1, 2, 4, 3, True, True, 16)
+    idx, valid, val, lse = torch.ops.nsa.select_topk(q, ck, 1, 2, 2, 4, 3, True, True, kw["scale"], 0)
+    ri, rv, rval = ops_topk.reference_select_topk(q, ck, **kw)
+    assert idx.dtype == torch.int32 and torch.equal(idx.long(), ri) and torch.equal(valid, rv)
+    assert torch.equal(val, rval)
+    assert lse.shape == (1, 31, 2) and torch.isfinite(lse).all()
+    # autograd through the op's CPU kernels equals the reference's
+    qg, cg = q.clone().requires_grad_(), ck.clone().requires_grad_()
+    _, _, v, _ = torch.ops.nsa.select_topk(qg, cg, 1, 2, 2, 4, 3, True, True, kw["scale"], 0)
+    g = torch.randn_like(v)
+    dq, dck = torch.autograd.grad(v, (qg, cg), g)
+    rq, rc = q.clone().requires_grad_(), ck.clone().requires_grad_()
+    _, _, rv2 = ops_topk.reference_select_topk(rq, rc, **kw)
+    rdq, rdck = torch.autograd.grad(rv2, (rq, rc), g)
+    assert torch.allclose(dq, rdq) and torch.allclose(dck, rdck)
+
+
+@pytest.mark.parametrize(
+    "change, word",
+    [
+        (dict(num_mem=-1), "num_mem"),
+        (dict(num_mem=99), "num_mem"),
+        (dict(stride=0), "stride"),
+        (dict(compress_block_size=1), "compress_block_size"),
+        (dict(selection_block_size=0), "selection_block_size"),
+        (dict(num_selected=-1), "num_selected"),
+        (dict(causal=1), "causal"),
+        (dict(share="yes"), "share"),
+        (dict(scale=None), "scale"),
+        (dict(query_offset=-2), "query_offset"),
+    ],
+)
+def test_validation_names_the_argument(change, word):
+    q, ck = make_inputs(1, 16, 4, 2, 16, 1, 2)
+    kw = dict(kwargs_for(1, 2, 4, 2, True, True, 16), query_offset=0)
+    kw.update(change)
+    with pytest.raises((ValueError, TypeError), match=word):
+        ops_topk.select_topk_fwd_launch(q, ck, **kw)
+    with pytest.raises((ValueError, TypeError), match=word):
+        ops_topk.select_topk(q, ck, **kw)
+
+
+def test_validation_of_tensors():
+    q, ck = make_inputs(1, 16, 4, 2, 16, 1, 2)
+    kw = kwargs_for(1, 2, 4, 2, True, True, 16)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        ops_topk.select_topk(q[:, :, :3], ck, **kw)
+    with pytest.raises(TypeError, match="dtype"):
+        ops_topk.select_topk(q.double(), ck.double(), **kw)
+    with pytest.raises(TypeError, match="share one dtype"):
+        ops_topk.select_topk(q, ck.half(), **kw)
+    with pytest.raises(ValueError, match="ck shape"):
+        ops_topk.select_topk(q, ck[..., :8], **kw)
+    with pytest.raises(ValueError, match="4-D"):
+        ops_topk.select_topk(q[0], ck, **kw)
+
+
+@pytest.mark.parametrize("family", ["topk_fwd", "topk_bwd"])
+@pytest.mark.parametrize("block_size, group, causal", [(64, 16, True), (8, 1, False), (20, 4, True)])
+def test_templates_render_plain_python(family, block_size, group, causal):
+    source = render(VariantSpec(family, block_size, group, causal))
+    compile(source, f"{family}.py", "exec")
+    assert "{{" not in source and "{%" not in source
+    assert ("own[:, None])" in source) and (("static_range(%d)" % group in source) == (group > 1))
+    assert ("u_end = U\n" in source) == (not causal)
+
+
+def test_strided_inputs(poison):
+    """Non-contiguous q (a slice of a packed qkv) and ck (a transposed view): no copy needed."""
+    gen = torch.Generator().manual_seed(11)
+    qkv = torch.randn(1, 31, 6, 16, generator=gen)
+    q = qkv[:, :, :4]
+    ck = torch.randn(1, 2, 1 + 15, 16, generator=gen).transpose(1, 2)  # (1, 16, 2, 16), strided
+    kw = kwargs_for(1, 2, 4, 3, False, True, 16)
+    idx, valid, val, _ = ops_topk.select_topk_fwd_launch(q, ck, **kw)
+    ri, rv, rval = ops_topk.reference_select_topk(q, ck, **kw)
+    assert torch.equal(idx.long(), ri) and (val - rval).abs().max() <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU lane (H200): bf16 / fp16, the numerics rule against the fp32 reference
+
+
+GPU_CASES = [
+    # (b, n, H, K, d, M, s, l', k, causal, share)
+    (1, 77, 4, 2, 64, 1, 16, 16, 3, True, True),
+    (2, 1000, 16, 1, 128, 1, 16, 64, 16, True, True),  # G = 16, (b) R = 4
+    (1, 1000, 8, 2, 64, 2, 16, 32, 16, False, True),
+    (1, 1000, 8, 2, 64, 1, 16, 64, 16, True, False),  # unshared under GQA
+    (1, 4096, 64, 4, 128, 1, 16, 64, 16, True, True),  # the paper's settings, shorter
+    (1, 513, 4, 4, 128, 1, 32, 32, 100, False, True),  # k > candidates, G = 1
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_gpu_forward_backward_numerics(case, dtype, monkeypatch):
+    monkeypatch.setattr(ops_topk, "POISON_OUTPUTS", True)
+    b, n, H, K, d, M, s, lsel, k, causal, share = case
+    q, ck = make_inputs(b, n, H, K, d, M, s, dtype=dtype, device="cuda", seed=n + H, grad=True)
+    kw = kwargs_for(M, s, lsel, k, causal, share, d)
+    assert ops_topk.select_topk_route(q, ck, **kw) == "kernel"
+    idx, valid, val = ops_topk.select_topk(q, ck, **kw)
+    q32, ck32 = q.detach().float(), ck.detach().float()
+    ref_idx, _, ref_val = ops_topk.reference_select_topk(q32, ck32, **kw)
+    _, _, low_val = ops_topk.reference_select_topk(q.detach(), ck.detach(), **kw)
+    tol = 2 * (low_val.float() - ref_val).abs().max().item() + 1e-5 if val.numel() else 0.0
+    check_selection(idx, valid, val, ref_idx, ref_val, full_reference_p(q32, ck32, kw), tol)
+    if val.numel() == 0:
+        return
+    g = torch.randn_like(val)
+    dq, dck = torch.autograd.grad(val, (q, ck), g)
+    rdq, rdck = grad_oracle(q32, ck32, kw, idx, g)
+    ldq, ldck = grad_oracle(q.detach(), ck.detach(), kw, idx, g)
+    for name, got, ref, low in (("dq", dq, rdq, ldq), ("dck", dck, rdck, ldck)):
+        assert torch.isfinite(got).all(), name
+        err = (got.float() - ref).abs().max().item()
+        bound = 2 * (low.float() - ref).abs().max().item() + 1e-5
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_opcheck_and_compile():
+    q, ck = make_inputs(1, 256, 8, 2, 64, 1, 16, dtype=torch.bfloat16, device="cuda", grad=True)
+    args = (q, ck, 1, 32, 16, 32, 4, True, True, 64 ** -0.5, 0)
+    torch.library.opcheck(torch.ops.nsa.select_topk.default, args)
+
+    def f(q, ck):
+        idx, valid, val, _ = torch.ops.nsa.select_topk(q, ck, 1, 32, 16, 32, 4, True, True, 64 ** -0.5, 0)
+        return idx, valid, val
+
+    eager = f(q, ck)
+    compiled = torch.compile(f, fullgraph=True)(q, ck)
+    for a, b_ in zip(eager, compiled):
+        assert torch.equal(a, b_)
+    g = torch.randn_like(eager[2])
+    ge = torch.autograd.grad(eager[2], (q, ck), g)
+    gc = torch.autograd.grad(compiled[2], (q, ck), g)
+    for a, b_ in zip(ge, gc):
+        assert (a.float() - b_.float()).abs().max().item() <= 1e-2 * max(a.float().abs().max().item(), 1e-6)
