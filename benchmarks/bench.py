@@ -62,7 +62,7 @@ LABELS = {
     "sdpa_flash": "dense causal SDPA, FLASH backend",
     "sdpa_cudnn": "dense causal SDPA, CUDNN backend",
     "reference": "nsa_codegen.reference (pure PyTorch)",
-    "layer_ours": "layer core: selected on our kernel, cmp/top-k/sliding on the PyTorch reference",
+    "layer_ours": "layer core: each branch on its nsa_codegen kernel where one exists (see 'branches')",
     "layer_reference": "layer core: every branch on the PyTorch reference",
     "fla_layer": "fla parallel_nsa: compression + top-k + selected (no sliding: flash_attn absent)",
 }
@@ -578,19 +578,35 @@ class LayerParams:
                 self.Pk, self.Pv, self.mem]
 
 
+def layer_branches(bench, use_kernels: bool):
+    """Which branch runs where: {branch: (callable module or None, label)}."""
+    found = {}
+    for br, modname in (("compressed", "ops_compressed"), ("topk", "ops_topk"), ("selected", "ops"),
+                        ("sliding", "ops_window")):
+        mod, label = None, "reference (PyTorch)"
+        if use_kernels:
+            try:
+                import importlib
+                mod = importlib.import_module(f"nsa_codegen.{modname}")
+                label = f"kernel (nsa_codegen.{modname}, generated Triton)"
+            except Exception as exc:  # noqa: BLE001
+                label = f"reference (PyTorch): nsa_codegen.{modname} not importable: {_short_err(exc, 160)}"
+        found[br] = (mod, label)
+    return found
+
+
 def impl_layer(which):
     def impl(bench, inp, params: LayerParams, mode, cfg):
         torch = bench.torch
         import torch.nn.functional as F
         from nsa_codegen import reference as ref
 
-        sel_fn = None
-        if which == "ours":
-            if bench.ops is None:
-                raise RuntimeError(f"nsa_codegen.ops not importable: {bench.ops_error}")
-            sel_fn = bench.ops.selected_attention
+        br = layer_branches(bench, which == "ours")
+        cmp_mod, topk_mod, sel_mod, swa_mod = (br[x][0] for x in ("compressed", "topk", "selected", "sliding"))
         freqs = ref.rotary_freqs(cfg["d"]).to(bench.dev)
         l, s = cfg["compress_block_size"], cfg["stride"]
+        lsel, kk, W, M = cfg["selection_block_size"], cfg["num_selected"], cfg["window"], cfg["num_mem"]
+        scale = cfg["d"] ** -0.5
         rg = mode == "fwdbwd"
         ptens = [t.detach().requires_grad_(rg) for t in params.tensors()]
         prepared = []
@@ -603,19 +619,44 @@ def impl_layer(which):
                              v.detach().requires_grad_(rg), gl.requires_grad_(rg), do))
 
         def fwd(q, k, v, gl):
+            b, n, H, d = q.shape
+            G = H // k.shape[2]
             W1, b1, W2, b2, W1v, b1v, W2v, b2v, Pk, Pv, mem = ptens
             mlp_k = lambda w: F.linear(F.relu(F.linear(w.flatten(-2), W1, b1)), W2, b2)  # noqa: E731
             mlp_v = lambda w: F.linear(F.relu(F.linear(w.flatten(-2), W1v, b1v)), W2v, b2v)  # noqa: E731
-            ck = ref.compress(k, Pk, mlp_k, l, s)
+            ck = ref.compress(k, Pk, mlp_k, l, s)  # compression MLP: torch (cuBLAS)
             cv = ref.compress(v, Pv, mlp_v, l, s)
             ck, cv = ref.prepend_memory(ck, cv, mem)
-            return ref.nsa_attention(
-                q, k, v, ck, cv, gl, freqs=freqs, num_mem=cfg["num_mem"], compress_block_size=l,
-                stride=s, selection_block_size=cfg["selection_block_size"],
-                num_selected=cfg["num_selected"], window=cfg["window"], causal=True,
-                scale=cfg["d"] ** -0.5, selected_attention_fn=sel_fn)
+            ca = dict(num_mem=M, block_size=l, stride=s, causal=True, scale=scale)
+            if topk_mod is not None:
+                if cmp_mod is not None:
+                    o_cmp, _ = cmp_mod.compressed_attention(q, ck, cv, **ca, return_logits=False)
+                else:
+                    o_cmp, _ = ref.compressed_attention(q, ck, cv, **ca)
+                idx, valid, _ = topk_mod.select_topk(
+                    q, ck, num_mem=M, compress_block_size=l, stride=s, selection_block_size=lsel,
+                    num_selected=kk, causal=True, share=True, scale=scale)
+            else:
+                if cmp_mod is not None:
+                    o_cmp, logits = cmp_mod.compressed_attention(q, ck, cv, **ca, return_logits=True)
+                else:
+                    o_cmp, logits = ref.compressed_attention(q, ck, cv, **ca)
+                imp = ref.importance_scores(logits, groups=G, share=True, causal=True, stride=s)
+                idx, valid, _ = ref.select_blocks(imp, seq_len=n, stride=s, compress_block_size=l,
+                                                  selection_block_size=lsel, num_selected=kk, causal=True,
+                                                  interpolated=False)
+            qr = ref.apply_rotary(q, freqs)
+            kr = ref.apply_rotary(k, freqs)
+            sel_fn = sel_mod.selected_attention if sel_mod is not None else ref.selected_attention
+            o_slc = sel_fn(qr, kr, v, idx, valid, None, block_size=lsel, causal=True, scale=scale)
+            swa_fn = swa_mod.sliding_window_attention if swa_mod is not None else ref.sliding_window_attention
+            o_swa = swa_fn(qr, kr, v, window=W, causal=True, scale=scale)
+            gg = gl.reshape(b, n, H, 3).sigmoid().to(q.dtype)
+            return gg[..., 0:1] * o_cmp + gg[..., 1:2] * o_slc + gg[..., 2:3] * o_swa
 
         nxt = inp.cycle(prepared)
+        if mode == "out":
+            return lambda: fwd(*prepared[0][:-1])
         if mode == "fwd":
             def call():
                 a = nxt()
@@ -733,36 +774,32 @@ def resource_report(bench) -> list[dict]:
                                num_warps=getattr(md, "num_warps", None),
                                num_stages=getattr(md, "num_stages", None))
                     src = getattr(ck, "src", None)
-                    consts = getattr(src, "constants", None)
-                    if consts:
-                        ent["constexprs"] = {str(k[-1] if isinstance(k, tuple) else k): v
-                                             for k, v in consts.items()
-                                             if isinstance(v, (int, float, bool, str))}
+                    consts = getattr(src, "constants", None) or {}
+                    names = getattr(getattr(src, "fn", None), "arg_names", None) or []
+                    cx = {}
+                    for key, val in consts.items():
+                        i = key[0] if isinstance(key, tuple) and len(key) == 1 else key
+                        nm = names[i] if isinstance(i, int) and i < len(names) else str(key)
+                        if isinstance(val, (int, float, bool, str)):
+                            cx[nm] = val
+                    ent["constexprs"] = cx
+                    if res is not None and spec is not None and "BLOCK_N" in cx:
+                        cfg = dict(BLOCK_N=cx["BLOCK_N"], num_warps=ent["num_warps"],
+                                   num_stages=ent["num_stages"])
+                        try:
+                            ent["predicted"] = _jsonable(res.predict(spec, cfg, int(cx.get("HEAD_DIM", 128)), 2))
+                        except Exception as exc:  # noqa: BLE001
+                            ent["predicted"] = "error: " + _short_err(exc, 200)
                 except Exception as exc:  # noqa: BLE001
                     ent["error"] = _short_err(exc)
                 report.append(ent)
-        if res is not None and spec is not None:
-            pred = dict(variant=vname, kernel="(model)")
-            for fname in ("predict", "tile_configs"):
-                f = getattr(res, fname, None)
-                if f is None:
-                    pred[fname] = "absent"
-                    continue
-                try:
-                    if fname == "predict":
-                        vals = []
-                        for cfg in getattr(mod, "CONFIGS", []) or [None]:
-                            try:
-                                vals.append(dict(config=cfg, prediction=_jsonable(f(spec, cfg) if cfg
-                                                                                   else f(spec))))
-                            except TypeError:
-                                vals.append(dict(config=cfg, prediction=_jsonable(f(spec, **(cfg or {})))))
-                        pred[fname] = vals
-                    else:
-                        pred[fname] = _jsonable(f(spec))
-                except Exception as exc:  # noqa: BLE001
-                    pred[fname] = "error: " + _short_err(exc)
-            report.append(pred)
+        if res is not None and spec is not None and hasattr(res, "tile_configs"):
+            try:
+                kept, dropped = res.tile_configs(spec)
+                report.append(dict(variant=vname, kernel="(model: tile_configs)", kept=_jsonable(kept),
+                                   dropped=_jsonable(dropped)))
+            except Exception as exc:  # noqa: BLE001
+                report.append(dict(variant=vname, kernel="(model: tile_configs)", error=_short_err(exc, 200)))
     return report
 
 
@@ -850,13 +887,10 @@ def phase_layer(bench, ns, phase_deadline):
             bench.add(dict(section="layer", impl="layer_ours", n=n, G=H // K, H=H, K=K, mode="fwd",
                            status="error", error="inputs: " + _short_err(exc)))
             continue
-        ours_ok = bench.ops is not None
-        branches_ours = dict(compressed="reference (PyTorch)", topk="reference (PyTorch)",
-                             selected="kernel (nsa_codegen generated Triton)" if ours_ok else "unavailable",
-                             sliding="reference (PyTorch)", combine="PyTorch")
-        branches_ref = dict(compressed="reference (PyTorch)", topk="reference (PyTorch)",
-                            selected="reference (PyTorch)", sliding="reference (PyTorch)",
-                            combine="PyTorch")
+        branches_ours = {k: v[1] for k, v in layer_branches(bench, True).items()}
+        branches_ours.update(compress_mlp="torch (cuBLAS)", rotary="torch", combine="torch")
+        branches_ref = {k: v[1] for k, v in layer_branches(bench, False).items()}
+        branches_ref.update(compress_mlp="torch (cuBLAS)", rotary="torch", combine="torch")
         for name, impl in plan:
             if name == "layer_reference" and n > a.layer_ref_max_n:
                 for mode in ("fwd", "fwdbwd"):
@@ -883,13 +917,14 @@ def phase_layer(bench, ns, phase_deadline):
         torch.cuda.empty_cache()
 
 
-def phase_check(bench, phase_deadline, n=2048, Gs=(16, 4, 1)):
+def phase_check(bench, phase_deadline, n=None, Gs=(16, 4, 1)):
     """Same-semantics check: every implementation's forward against the fp32 PyTorch reference on the
     same selection (and the bf16 reference's own error, the numerics rule's yardstick)."""
     torch, a = bench.torch, bench.args
     from nsa_codegen import reference as ref
 
     H, d, l, kk = a.H, CONFIG["d"], CONFIG["selection_block_size"], CONFIG["num_selected"]
+    n = n or a.check_n
     scale = d ** -0.5
     impls = [x for x in SELECTED_IMPLS if not x[0].startswith("sdpa")]
     if "flex" in a.sections:
@@ -930,6 +965,28 @@ def phase_check(bench, phase_deadline, n=2048, Gs=(16, 4, 1)):
         del inp, sel
         gc.collect()
         torch.cuda.empty_cache()
+    # the whole-layer core: kernels-where-available against the all-reference core, same inputs
+    if "layer" in a.sections and time.perf_counter() < phase_deadline:
+        K = CONFIG["K"]
+        row = dict(section="check", impl="layer_ours", label=LABELS["layer_ours"], n=n, G=H // K, H=H, K=K,
+                   mode="out")
+        try:
+            inp = Inputs(torch, n, H, K, d, 1, bench.dev, bench.dtype, seed=4242)
+            params = LayerParams(torch, K, d, CONFIG["compress_block_size"], CONFIG["num_mem"], bench.dev,
+                                 bench.dtype)
+            cfg = dict(CONFIG, H=H)
+            o = impl_layer("ours")(bench, inp, params, "out", cfg)().float()
+            r = impl_layer("reference")(bench, inp, params, "out", cfg)().float()
+            diff = o - r
+            row.update(status="ok", max_abs_err=float(diff.abs().max()), rel_err=float(diff.norm() / r.norm()),
+                       finite=bool(torch.isfinite(o).all()), vs="layer_reference (bf16)",
+                       ref_bf16_max_abs_err=None, within_rule=None)
+            bench.log(f"check    layer_ours vs layer_reference n={n}: max|diff|={row['max_abs_err']:.2e} "
+                      f"rel={row['rel_err']:.2e}")
+            bench.rows.append(row)
+        except Exception as exc:  # noqa: BLE001
+            row.update(status="error", error=_short_err(exc))
+            bench.add(row)
 
 
 def compute_ratios(rows) -> list[dict]:
@@ -993,8 +1050,9 @@ def print_table(result):
     ok = {(r["section"], r["impl"], r["n"], r["G"], r["mode"]): r for r in rows}
     for r in rows:
         if r["section"] == "check" and r["status"] == "ok":
-            print(f"check {r['impl']:12s} G={r['G']:2d}: max|o - ref32| = {r['max_abs_err']:.2e} "
-                  f"(bf16 reference {r['ref_bf16_max_abs_err']:.2e}) within 2x rule: {r['within_rule']}")
+            print(f"check {r['impl']:12s} G={r['G']:2d}: max|o - ref| = {r['max_abs_err']:.2e} "
+                  f"rel {r['rel_err']:.2e} (bf16 reference {r['ref_bf16_max_abs_err']}) "
+                  f"within 2x rule: {r['within_rule']}")
     for sec in ("selected", "gqa", "flex", "layer"):
         keys = sorted({(k[2], k[3], k[4]) for k in ok if k[0] == sec})
         impls = []
@@ -1015,6 +1073,14 @@ def print_table(result):
                 else:
                     cells.append(r["status"])
             print(f"n={n:6d} G={G:2d} {mode:6s} " + " | ".join(cells))
+    print("\nresources (compiled kernels; predicted = nsa_codegen.resources.predict):")
+    for e in result.get("resources", []):
+        if "n_regs" in e:
+            pr = e.get("predicted")
+            pr = f"pred regs {pr.get('n_regs')} smem {pr.get('shared')}" if isinstance(pr, dict) else (pr or "")
+            print(f"  {e['variant']:32s} {e['kernel']:10s} regs {e['n_regs']} spills {e['n_spills']} "
+                  f"smem {e['shared']} warps {e['num_warps']} stages {e['num_stages']} "
+                  f"BLOCK_N {e.get('constexprs', {}).get('BLOCK_N')} | {pr}")
     print("\nratios:")
     for r in result["ratios"]:
         print(f"  {r['section']:8s} n={r['n']:6d} G={r['G']:2d} {r['mode']:6s} {r['anchor']:16s}/"
@@ -1049,6 +1115,7 @@ def parse_args(argv):
     p.add_argument("--flex-timeout", type=int, default=None, help="seconds for flex's first compile")
     p.add_argument("--layer-ref-max-n", type=int, default=16384,
                    help="largest n for the all-reference layer row")
+    p.add_argument("--check-n", type=int, default=2048, help="n of the correctness check")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--tag", default="")
     p.add_argument("--verbose", action="store_true")
@@ -1097,6 +1164,33 @@ def main(argv=None) -> int:
         w_left = sum(weights[s] for s in todo)
         return time.perf_counter() + bench.remaining() * weights[name] / w_left
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = "".join(ch if ch.isalnum() else "-" for ch in str(info.get("gpu", "gpu"))).strip("-").lower()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"bench_{gpu}_{stamp}{'_quick' if args.quick else ''}{('_' + args.tag) if args.tag else ''}"
+    path = out / f"{stem}.json"
+
+    def write(resources=None, complete=False):
+        for r in bench.rows:  # achieved rates against the ceilings measured in this run
+            if r.get("tflops") and ceilings.get("matmul_bf16_8192_tflops"):
+                r["frac_matmul_ceiling"] = r["tflops"] / ceilings["matmul_bf16_8192_tflops"]
+            if r.get("gbps_unique") and ceilings.get("copy_d2d_gbps"):
+                r["frac_copy_ceiling_unique"] = r["gbps_unique"] / ceilings["copy_d2d_gbps"]
+        res = dict(meta=info, config=dict(CONFIG, H=args.H, ns=args.ns, gqa_n=args.gqa_n, gqa_Gs=GQA_GS,
+                                          rotate=args.rotate, budget_s=args.budget, quick=args.quick,
+                                          flex_timeout_s=args.flex_timeout, check_n=args.check_n,
+                                          sections=args.sections,
+                                          flops_note="fwd = 4*d per (query head, key) pair actually "
+                                          "computed (own block: keys j <= i); fwd+bwd = 3.5x fwd. "
+                                          "bytes_unique: each tensor once; bytes_gathered: K/V rows "
+                                          "as every program loads them"),
+                   ceilings=ceilings, rows=bench.rows, ratios=compute_ratios(bench.rows),
+                   resources=resources or [], notes=bench.notes, wall_s=bench.elapsed(), complete=complete,
+                   labels=LABELS)
+        path.write_text(json.dumps(res, indent=1, default=_jsonable))
+        return res
+
     for name in list(todo):
         dl = phase_deadline(name)
         bench.log(f"--- phase {name}: {dl - time.perf_counter():.0f} s")
@@ -1117,34 +1211,14 @@ def main(argv=None) -> int:
             bench.notes.append(f"phase {name} crashed: {_short_err(exc)}")
             traceback.print_exc()
         todo.remove(name)
+        write()
 
     resources = []
     try:
         resources = resource_report(bench)
     except Exception as exc:  # noqa: BLE001
         bench.notes.append(f"resource report failed: {_short_err(exc)}")
-
-    for r in bench.rows:  # achieved rates against the ceilings measured in this run
-        if r.get("tflops") and ceilings.get("matmul_bf16_8192_tflops"):
-            r["frac_matmul_ceiling"] = r["tflops"] / ceilings["matmul_bf16_8192_tflops"]
-        if r.get("gbps_unique") and ceilings.get("copy_d2d_gbps"):
-            r["frac_copy_ceiling_unique"] = r["gbps_unique"] / ceilings["copy_d2d_gbps"]
-    result = dict(meta=info, config=dict(CONFIG, H=args.H, ns=args.ns, gqa_n=args.gqa_n, gqa_Gs=GQA_GS,
-                                         rotate=args.rotate, budget_s=args.budget, quick=args.quick,
-                                         flex_timeout_s=args.flex_timeout,
-                                         flops_note="fwd = 4*d per (query head, key) pair actually "
-                                         "computed (own block: keys j <= i); fwd+bwd = 3.5x fwd. "
-                                         "bytes_unique: each tensor once; bytes_gathered: K/V rows "
-                                         "as every program loads them"),
-                  ceilings=ceilings, rows=bench.rows, ratios=compute_ratios(bench.rows),
-                  resources=resources, notes=bench.notes, wall_s=bench.elapsed(), labels=LABELS)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = "".join(ch if ch.isalnum() else "-" for ch in str(info.get("gpu", "gpu"))).strip("-").lower()
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = f"bench_{gpu}_{stamp}{'_quick' if args.quick else ''}{('_' + args.tag) if args.tag else ''}"
-    path = out / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=1, default=_jsonable))
+    result = write(resources, complete=True)
     print_table(result)
     bench.log(f"wrote {path}")
     if not args.no_plot:

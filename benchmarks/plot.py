@@ -34,7 +34,7 @@ SHORT = {
     "sdpa_flash": "dense SDPA flash",
     "sdpa_cudnn": "dense SDPA cuDNN",
     "reference": "PyTorch reference",
-    "layer_ours": "layer: selected on our kernel,\nother branches PyTorch reference",
+    "layer_ours": "layer core: ours (kernels per branch)",
     "layer_reference": "layer: all PyTorch reference",
     "fla_layer": "fla parallel_nsa cmp+topk+slc (no swa)",
 }

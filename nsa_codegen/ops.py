@@ -310,16 +310,21 @@ def _selected_attention_cpu(q, k, v, block_idx, block_valid, gates, block_size, 
 
 @_selected_attention_bwd_op.register_kernel("cpu")
 def _selected_attention_bwd_cpu(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale):
+    """Gradients of the reference by autograd. A custom op's kernel runs below the dispatcher's autograd
+    layer (autograd keys excluded), and the reference checkpoints its chunks (no torch.func), so the
+    autograd keys are re-enabled for this computation."""
     from . import reference
 
-    with torch.enable_grad():
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.ADInplaceOrView):
+        excluded = excluded - torch._C.DispatchKeySet(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
         g = gates.detach().requires_grad_() if gates is not None else None
         o = reference.selected_attention(*inputs, block_idx, block_valid, g, block_size=block_size,
                                          causal=causal, scale=scale)
         wrt = inputs + ([g] if g is not None else [])
-        grads = torch.autograd.grad(o, wrt, dout, allow_unused=True)
-    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, wrt)]
+        grads = torch.autograd.grad(o, wrt, dout)
     dgates = grads[3] if gates is not None else q.new_empty((0,), dtype=torch.float32)
     return grads[0], grads[1], grads[2], dgates
 

@@ -194,13 +194,14 @@ def _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query
         idx.fill_(-7), val.fill_(float("nan")), valid.fill_(True), lse.fill_(float("nan"))
     module = cache.load_variant(specs_for(q, ck, selection_block_size=selection_block_size, causal=causal,
                                           share=share)[0])
+    d, kp = int(d), max(2, _pow2(int(kk)))  # constexprs: specialize (guard) on symbolic sizes
     constexprs, launch = _config(module, d, q.dtype, config)
     grid = (triton.cdiv(n, constexprs["BLOCK_M"]), b * Hs)
     wrap(module.kernel)[grid](
         q, ck, idx, val, valid, lse,
         *q.stride(), *ck.stride(), *idx.stride(), *lse.stride(),
         n, info["U"], kk, num_mem, 1 if share else info["G"], query_offset, float(scale), Hs,
-        D=d, BLOCK_D=_pow2(max(16, d)), R=info["R"], KP=max(2, _pow2(kk)), PREC=_precision(q.dtype),
+        D=d, BLOCK_D=_pow2(max(16, d)), R=int(info["R"]), KP=kp, PREC=_precision(q.dtype),
         **constexprs, **launch,
     )
     return idx, valid, val, lse
@@ -214,6 +215,7 @@ def _bwd(q, ck, idx, val, lse, grad_values, info, num_mem, selection_block_size,
         return torch.zeros_like(q), torch.zeros_like(ck)
     module = cache.load_variant(specs_for(q, ck, selection_block_size=selection_block_size, causal=causal,
                                           share=share)[1])
+    d, kp = int(d), max(2, _pow2(int(kk)))  # constexprs: specialize (guard) on symbolic sizes
     constexprs, launch = _config(module, d, q.dtype, config)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if POISON_OUTPUTS:
@@ -225,7 +227,7 @@ def _bwd(q, ck, idx, val, lse, grad_values, info, num_mem, selection_block_size,
         *q.stride(), *ck.stride(), *idx.stride(), *grad_values.stride(), *lse.stride(), *dq.stride(),
         *dck.stride(),
         n, info["U"], kk, num_mem, 1 if share else info["G"], query_offset, float(scale), Hs,
-        D=d, BLOCK_D=_pow2(max(16, d)), R=info["R"], KP=max(2, _pow2(kk)), PREC=_precision(q.dtype),
+        D=d, BLOCK_D=_pow2(max(16, d)), R=int(info["R"]), KP=kp, PREC=_precision(q.dtype),
         **constexprs, **launch,
     )
     return dq, dck.to(ck.dtype)
@@ -319,31 +321,68 @@ def reference_select_topk(q, ck, *, num_mem, compress_block_size, stride, select
     )
 
 
-def _reference_lse(q, ck, info, selection_block_size, causal, scale, query_offset):
-    """(b, n, Hs) fp32 log-sum-exp of [null column, visible candidates] (mappings (a), (b)), chunked."""
+def _candidate_scores(q, ck, info, i0, i1, selection_block_size, causal, scale, query_offset):
+    """fp32 candidate scores of queries [i0, i1) for mappings (a), (b): (b, c, Hs, U), invisible -inf, plus
+    the per-row mean query (b, c, Hs, d) and the per-row mean candidate keys (b, U, Hs, d)."""
     b, n, H, d = q.shape
-    K, M, R, U, G = info["K"], info["M"], info["R"], info["U"], info["G"]
-    Hs = info["Hs"]
-    lse = torch.empty((b, n, Hs), device=q.device, dtype=torch.float32)
-    ckc = ck[:, M:M + U * R].float()  # (b, U*R, K, d)
-    ckc = ckc.reshape(b, U, R, K, d).mean(2)  # (b, U, K, d)
+    K, M, R, U, G, Hs = info["K"], info["M"], info["R"], info["U"], info["G"], info["Hs"]
+    ckc = ck[:, M:M + U * R].float().reshape(b, U, R, K, d).mean(2)  # (b, U, K, d)
     kv_of_row = torch.arange(Hs, device=q.device) // (1 if Hs == K else G)
     ckr = ckc[:, :, kv_of_row]  # (b, U, Hs, d)
+    qi = q[:, i0:i1].float()
+    qr = qi.reshape(b, i1 - i0, K, G, d).mean(3) if Hs == K else qi  # (b, c, Hs, d)
+    s = torch.einsum("bchd,buhd->bchu", qr, ckr) * scale
     u = torch.arange(U, device=q.device)
-    chunk = 256
-    for i0 in range(0, n, chunk):
-        qi = q[:, i0:i0 + chunk].float()
-        qr = qi.reshape(b, qi.shape[1], K, G, d).mean(3) if Hs == K else qi  # (b, c, Hs, d)
-        s = torch.einsum("bchd,buhd->bchu", qr, ckr) * scale
-        pos = query_offset + torch.arange(i0, i0 + qi.shape[1], device=q.device)
-        own = pos // selection_block_size
-        vis = (u[None, :] < own[:, None]) if causal else torch.ones((len(pos), U), dtype=torch.bool, device=q.device)
-        if R > 1 and not causal:
+    own = (query_offset + torch.arange(i0, i1, device=q.device)) // selection_block_size
+    if causal:
+        vis = u[None, :] < own[:, None]
+    else:
+        vis = torch.ones((i1 - i0, U), dtype=torch.bool, device=q.device)
+        if R > 1:
             vis = vis & (u[None, :] != own[:, None])
-        s = s.masked_fill(~vis[None, :, None, :], float("-inf"))
+    return s.masked_fill(~vis[None, :, None, :], float("-inf")), qr, ckr
+
+
+_CHUNK = 256
+
+
+def _reference_lse(q, ck, info, selection_block_size, causal, scale, query_offset):
+    """(b, n, Hs) fp32 log-sum-exp of [null column, visible candidates] (mappings (a), (b)), chunked."""
+    b, n = q.shape[:2]
+    lse = torch.empty((b, n, info["Hs"]), device=q.device, dtype=torch.float32)
+    for i0 in range(0, n, _CHUNK):
+        i1 = min(n, i0 + _CHUNK)
+        s, _, _ = _candidate_scores(q, ck, info, i0, i1, selection_block_size, causal, scale, query_offset)
         s = torch.cat((s.new_full((*s.shape[:-1], 1), -1000.0), s), -1)
-        lse[:, i0:i0 + qi.shape[1]] = torch.logsumexp(s, -1)
+        lse[:, i0:i1] = torch.logsumexp(s, -1)
     return lse
+
+
+def _reference_backward(q, ck, block_idx, grad_values, info, selection_block_size, causal, scale, query_offset):
+    """(dq, dck) of sum(grad_values * values) in closed form (fp32, chunked; the op's CPU backward):
+    dcand[u] = p[u] * (gsel[u] - sum_t g_t p[u_t]), then through the mean query / mean candidate keys."""
+    b, n, H, d = q.shape
+    K, M, R, U, G, Hs = info["K"], info["M"], info["R"], info["U"], info["G"], info["Hs"]
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dckr = torch.zeros((b, U, Hs, d), device=q.device, dtype=torch.float32)
+    for i0 in range(0, n, _CHUNK):
+        i1 = min(n, i0 + _CHUNK)
+        s, qr, ckr = _candidate_scores(q, ck, info, i0, i1, selection_block_size, causal, scale, query_offset)
+        lse = torch.logsumexp(torch.cat((s.new_full((*s.shape[:-1], 1), -1000.0), s), -1), -1, keepdim=True)
+        p = torch.exp(s - lse)  # (b, c, Hs, U), 0 where invisible
+        g = grad_values[:, i0:i1].float()
+        gsel = torch.zeros_like(p).scatter_add(-1, block_idx[:, i0:i1].long(), g)
+        ds = p * (gsel - (gsel * p).sum(-1, keepdim=True)) * scale
+        dqr = torch.einsum("bchu,buhd->bchd", ds, ckr)
+        if Hs == K:
+            dq[:, i0:i1] = (dqr / G)[:, :, :, None, :].expand(-1, -1, -1, G, -1).reshape(b, i1 - i0, H, d)
+        else:
+            dq[:, i0:i1] = dqr
+        dckr += torch.einsum("bchu,bchd->buhd", ds, qr)
+    dckc = dckr.reshape(b, U, K, Hs // K, d).sum(3) if Hs != K else dckr  # rows -> kv heads
+    dck = torch.zeros(ck.shape, device=ck.device, dtype=torch.float32)
+    dck[:, M:M + U * R] = (dckc / R)[:, :, None].expand(-1, -1, R, -1, -1).reshape(b, U * R, K, d)
+    return dq.to(q.dtype), dck.to(ck.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,18 +434,13 @@ def _select_topk_cpu(q, ck, num_mem, compress_block_size, stride, selection_bloc
 @_select_topk_bwd_op.register_kernel("cpu")
 def _select_topk_bwd_cpu(q, ck, block_idx, values, lse, grad_values, num_mem, compress_block_size, stride,
                          selection_block_size, num_selected, causal, share, scale, query_offset):
-    with torch.enable_grad():
-        qq, cc = q.detach().requires_grad_(), ck.detach().requires_grad_()
-        _, _, val = reference_select_topk(
-            qq, cc, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
-            selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
-            scale=scale, query_offset=query_offset)
-        if val.numel() == 0:
-            return torch.zeros_like(q), torch.zeros_like(ck)
-        dq, dck = torch.autograd.grad(val, (qq, cc), grad_values.to(val.dtype), allow_unused=True)
-    dq = torch.zeros_like(q) if dq is None else dq
-    dck = torch.zeros_like(ck) if dck is None else dck
-    return dq, dck
+    # closed form (autograd cannot record below the op's Autograd key)
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, False, query_offset)
+    if info["kk"] == 0:
+        return torch.zeros_like(q), torch.zeros_like(ck)
+    return _reference_backward(q, ck, block_idx, grad_values, info, selection_block_size, causal, scale,
+                               query_offset)
 
 
 def _setup_context(ctx, inputs, output):
@@ -449,7 +483,7 @@ def select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_
     """Importance scores + top-k block selection (nsa-spec section 4) from q and the compressed keys.
 
     q (b, n, H, d), ck (b, M + C, K, d) (memory rows first). Returns (block_idx, block_valid, values),
-    each (b, n, Hs, kk): block_idx int32 on the kernel path (int64 on the reference path), values fp32
+    each (b, n, Hs, kk): block_idx int32 (on every path), values fp32
     (promote(dtype, fp32)), differentiable w.r.t. q and ck (use_diff_topk). Matches
     reference.compressed_attention + importance_scores + select_blocks; see the module docstring for
     the routing ((c) always on the reference) and the tie rule.
@@ -458,10 +492,11 @@ def select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_
                               selection_block_size=selection_block_size, num_selected=num_selected, causal=causal,
                               share=share, scale=scale, interpolated=interpolated, query_offset=query_offset)
     if route == "reference":
-        return reference_select_topk(q, ck, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
-                                     selection_block_size=selection_block_size, num_selected=num_selected,
-                                     causal=causal, share=share, scale=scale, interpolated=interpolated,
-                                     query_offset=query_offset)
+        idx, valid, val = reference_select_topk(
+            q, ck, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
+            selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
+            scale=scale, interpolated=interpolated, query_offset=query_offset)
+        return idx.to(torch.int32), valid, val
     idx, valid, val, _ = torch.ops.nsa.select_topk(q, ck, num_mem, compress_block_size, stride, selection_block_size,
                                                     num_selected, causal, share, float(scale), query_offset)
     return idx, valid, val

@@ -438,44 +438,54 @@ def block_diagonal_selection(
 # 5. selected attention
 
 
-def _selected_chunk(q, idx, valid, gates, kb, vb, q0, cfg):
+def _selected_chunk(q, block_idx, block_valid, gates, k, v, q0, cfg):
+    """Queries [q0, q0 + Q): dense logits against the keys the chunk can reach, masked to the
+    selected blocks (+ causal own block). Per chunk (Q x n) per head, never (n x n)."""
     b, Q, H, d = q.shape
-    l, causal, scale, Gs, nk = cfg["l"], cfg["causal"], cfg["scale"], cfg["Gs"], cfg["nk"]
-    kvh = cfg["kvh"].to(q.device)
-    Hs = kvh.shape[0]
-    nblk = kb.shape[1]
+    K = k.shape[2]
+    G = H // K
+    l, causal, scale, Hs, nblk = cfg["l"], cfg["causal"], cfg["scale"], cfg["Hs"], cfg["nblk"]
     dev = q.device
-    pos = cfg["offset"] + q0 + torch.arange(Q, device=dev)
-    if causal:
-        own = (pos // l)[None, :, None, None].expand(b, Q, Hs, 1)
-        idx = torch.cat((idx, own), dim=-1)
-        valid = torch.cat((valid, torch.ones_like(own, dtype=torch.bool)), dim=-1)
-        if gates is not None:
-            gates = torch.cat((gates, gates.new_ones((b, Q, Hs, 1))), dim=-1)
-    E = idx.shape[-1]
-    idx = idx.long().clamp(0, nblk - 1)
-    bi = torch.arange(b, device=dev)[:, None, None, None]
-    kg = kb[bi, idx, :, kvh[None, None, :, None]]  # (b, Q, Hs, E, l, d)
-    vg = vb[bi, idx, :, kvh[None, None, :, None]]
-    tok = idx[..., None] * l + torch.arange(l, device=dev)  # (b, Q, Hs, E, l)
-    mask = valid[..., None] & (tok < nk)
-    if causal:
-        is_own = torch.zeros(E, dtype=torch.bool, device=dev)
-        is_own[-1] = True
-        mask = mask & (~is_own[:, None] | (tok <= pos[None, :, None, None, None]))
-    qg = q.reshape(b, Q, Hs, Gs, d)
-    s = torch.matmul(qg, kg.reshape(b, Q, Hs, E * l, d).transpose(-1, -2)) * scale  # (b,Q,Hs,Gs,E*l)
-    if gates is not None:
-        s = (s.reshape(b, Q, Hs, Gs, E, l) * gates.to(s.dtype)[:, :, :, None, :, None]).reshape(
-            b, Q, Hs, Gs, E * l
+    p0 = cfg["offset"] + q0
+    pos = p0 + torch.arange(Q, device=dev)
+    nk = k.shape[1]
+    if causal:  # no key after the chunk's last query is reachable
+        nk = max(0, min(nk, p0 + Q))
+    nb = -(-nk // l)
+    kc, vc = k[:, :nk], v[:, :nk]
+    idx = block_idx.long().clamp(0, nblk - 1)
+    valid = block_valid
+    # per (query, row) which blocks are selected, and with which gate (valid blocks are distinct)
+    cnt = torch.zeros((b, Q, Hs, nblk), dtype=torch.int32, device=dev)
+    sel = cnt.scatter_add(-1, idx, valid.to(torch.int32)) > 0
+    sel_t = sel[..., :nb, None].expand(b, Q, Hs, nb, l).reshape(b, Q, Hs, nb * l)[..., :nk]
+    j = torch.arange(nk, device=dev)
+    s = torch.einsum("bqkgd,bjkd->bqkgj", q.reshape(b, Q, K, G, d), kc) * scale  # (b,Q,K,G,nk)
+    s = s.reshape(b, Q, Hs, H // Hs, nk)
+    if gates is not None and idx.shape[-1]:
+        gsum = torch.zeros((b, Q, Hs, nblk), dtype=s.dtype, device=dev).scatter_add(
+            -1, idx, gates.to(s.dtype) * valid.to(s.dtype)
         )
+        g_t = gsum[..., :nb, None].expand(b, Q, Hs, nb, l).reshape(b, Q, Hs, nb * l)[..., :nk]
+    else:
+        g_t = None
+    if causal:
+        same = (j[None, :] // l) == (pos // l)[:, None]  # (Q, nk): the own block
+        own = same & (j[None, :] <= pos[:, None])
+        mask = (sel_t & ~same[None, :, None, :]) | own[None, :, None, :]
+        if g_t is not None:
+            g_t = torch.where(same[None, :, None, :], torch.ones_like(g_t), g_t)
+    else:
+        mask = sel_t
+    if g_t is not None:
+        s = s * g_t[:, :, :, None, :]
     sdt = _softmax_dtype(s.dtype)
-    m = mask.reshape(b, Q, Hs, 1, E * l)
-    p = s.to(sdt).masked_fill(~m, torch.finfo(sdt).min).softmax(dim=-1).to(vg.dtype)
-    o = torch.matmul(p, vg.reshape(b, Q, Hs, E * l, d))  # (b, Q, Hs, Gs, d)
+    m = mask[:, :, :, None, :]
+    p = s.to(sdt).masked_fill(~m, torch.finfo(sdt).min).softmax(dim=-1).to(vc.dtype)
+    o = torch.einsum("bqkgj,bjkd->bqkgd", p.reshape(b, Q, K, G, nk), vc)  # (b, Q, K, G, d)
     if not causal:
-        has = m.any(dim=-1, keepdim=True)  # (b, Q, Hs, 1, 1)
-        o = o * has.to(o.dtype)
+        has = mask.any(dim=-1)  # (b, Q, Hs)
+        o = o * has.reshape(b, Q, Hs, H // Hs, 1).reshape(b, Q, K, G, 1).to(o.dtype)
     return o.reshape(b, Q, H, d)
 
 
@@ -495,31 +505,36 @@ def selected_attention(
 ) -> Tensor:
     """Spec 5. q (b, n_q, H, d), k, v (b, n, K, d) rotated; block_idx/valid/gates (b, n_q, Hs, kk).
 
-    Query ``i`` attends to the tokens ``j < n`` of its valid selected blocks (each listed block once
-    per listing, no token mask: causal selections are strictly earlier by construction), and when
-    causal also to its own block ``i // l'`` restricted to ``j <= i`` (gate 1). Non-causal: a query
-    with no key gets 0. Gates multiply the selected keys; this is computed as ``gate * (q . k)`` on
-    the logit (identical math, gradient reaches ``gates``). Invalid entries may hold any index.
+    Query ``i`` attends to the tokens ``j < n`` of its valid selected blocks, and when causal also
+    to its own block ``i // l'`` restricted to ``j <= i`` (gate 1). Non-causal: a query with no key
+    gets 0. Gates multiply the selected keys, computed as ``gate * (q . k)`` on the logit
+    (identical math; the gradient reaches ``gates``). Invalid entries may hold any index.
+
+    Preconditions (what ``select_blocks`` produces): the valid blocks of a row are distinct, and
+    when causal they are strictly earlier than the query's own block. (Outside them: a duplicate
+    valid block counts once with the sum of its gates; a causal selection of the own block is
+    ignored; a causal selection of a later block only reaches keys ``j`` before the end of the
+    query chunk, so do not rely on it.)
+
+    Computed per chunk of queries as dense logits against the keys the chunk can reach (causal:
+    ``j`` up to the chunk's last query), masked to the selected tokens; each chunk is
+    checkpointed under autograd.
     """
     b, nq, H, d = q.shape
     nk, K = k.shape[1], k.shape[2]
-    Hs, kk = block_idx.shape[2], block_idx.shape[3]
-    Gs, kvh = _split_heads_for_rows(H, K, Hs)
+    Hs = block_idx.shape[2]
+    _split_heads_for_rows(H, K, Hs)
     l = int(block_size)
     nblk = max(1, -(-nk // l))
-    pad = nblk * l - nk
-    kb = F.pad(k, (0, 0, 0, 0, 0, pad)).reshape(b, nblk, l, K, d)
-    vb = F.pad(v, (0, 0, 0, 0, 0, pad)).reshape(b, nblk, l, K, d)
-    E = kk + (1 if causal else 0)
-    cfg = dict(l=l, causal=causal, scale=scale, Gs=Gs, nk=nk, kvh=kvh, offset=int(query_offset))
-    Qc = _chunk_len(nq, b * Hs * max(E, 1) * l * d, chunk_size)
+    cfg = dict(l=l, causal=causal, scale=scale, Hs=Hs, nblk=nblk, offset=int(query_offset))
+    Qc = _chunk_len(nq, b * H * max(nk, 1), chunk_size)
     block_valid = block_valid.to(torch.bool)
     outs = []
     for q0 in range(0, nq, Qc):
         sl = slice(q0, q0 + Qc)
         g = None if gates is None else gates[:, sl]
         outs.append(
-            _run_chunk(_selected_chunk, q[:, sl], block_idx[:, sl], block_valid[:, sl], g, kb, vb, q0, cfg)
+            _run_chunk(_selected_chunk, q[:, sl], block_idx[:, sl], block_valid[:, sl], g, k, v, q0, cfg)
         )
     if not outs:
         return q.new_zeros((b, 0, H, d))

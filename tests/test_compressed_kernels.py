@@ -1,0 +1,272 @@
+"""Compressed-attention kernels (templates/cmp_{fwd,bwd}.py.j2, nsa_codegen/ops_compressed.py).
+
+Interpreter lane (CPU, TRITON_INTERPRET=1, fp32 + fp16, small shapes): forward, lse and the gradients
+of q, ck and cv (memory rows included) against nsa_codegen.reference under design.md's numerics rule,
+outputs poisoned with NaN before the launch and checked written; strided inputs; strides l and l/2;
+M in {1, 2}; query offsets; validation errors; the torch.library op's CPU path. GPU lane
+(`pytest -m gpu`, bf16 + fp16 on CUDA): the same comparison at d 64 / 128 and n up to 4096, `opcheck`,
+and torch.compile(fullgraph=True) forward + backward vs eager.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated kernel is imported
+
+from nsa_codegen import ops_compressed, ops_window, reference  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter = pytest.mark.skipif(not INTERPRET, reason="interpreter lane (TRITON_INTERPRET=1, CPU)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def assert_close(name, got, ref32, ref_low, dtype):
+    """design.md: fp32 -> max|got - ref32| <= 1e-4 relative (unit floor); else
+    <= 2 * max|ref_low - ref32| + 1e-5. Prints the worst mismatch on failure."""
+    got, ref32 = got.float(), ref32.float()
+    assert not torch.isnan(got).any(), f"{name}: NaN in the output (an element left unwritten?)"
+    diff = (got - ref32).abs()
+    err = diff.max().item() if diff.numel() else 0.0
+    if dtype == torch.float32:
+        tol = 1e-4 * max(ref32.abs().max().item() if ref32.numel() else 0.0, 1.0)
+    else:
+        tol = 2 * (ref_low.float() - ref32).abs().max().item() + 1e-5
+    if err > tol:
+        idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
+        raise AssertionError(
+            f"{name}: max err {err:.3e} > tol {tol:.3e} at {idx}: got {got[idx].item():.6g}, ref {ref32[idx].item():.6g}"
+        )
+    return err
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every kernel output starts as NaN, so an element the kernels skip shows up."""
+
+    def alloc(shape, device, dtype):
+        return torch.full(tuple(shape), float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(ops_window, "alloc_output", alloc)
+
+
+def make_inputs(b, nq, rows, H, K, d, dtype, device, seed):
+    """q, ck, cv as strided views (last dim contiguous, nothing copied); dout strided too."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, nq, H + 1, d, generator=g)[:, :, :H].to(device=device, dtype=dtype)
+    ckv = torch.randn(b, rows, 2 * K, d, generator=g).to(device=device, dtype=dtype)
+    ck, cv = ckv[:, :, :K], ckv[:, :, K:]
+    dout = torch.randn(b, H, nq, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    return q, ck, cv, dout
+
+
+def reference_grads(q, ck, cv, dout, dtype, **kw):
+    qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, ck, cv))
+    out, _ = reference.compressed_attention(qq, kk, vv, **kw)
+    out.backward(dout.to(dtype))
+    return out.detach(), qq.grad, kk.grad, vv.grad
+
+
+def run_and_compare(b, nq, H, K, d, num_mem, block_size, stride, causal, dtype, *, config=None, offset=0, seed=0,
+                    device="cpu"):
+    rows = num_mem + (nq + offset) // stride
+    q, ck, cv, dout = make_inputs(b, nq, rows, H, K, d, dtype, device, seed)
+    scale = d ** -0.5
+    kw = dict(num_mem=num_mem, block_size=block_size, stride=stride, causal=causal, scale=scale, query_offset=offset)
+    out, lse = ops_compressed.compressed_attention_fwd_launch(q, ck, cv, config=config, **kw)
+    dq, dck, dcv = ops_compressed.compressed_attention_bwd_launch(q, ck, cv, out, lse, dout, config=config, **kw)
+    ref32 = reference_grads(q, ck, cv, dout, torch.float32, **kw)
+    low = reference_grads(q, ck, cv, dout, dtype, **kw) if dtype != torch.float32 else ref32
+    errs = {}
+    for name, got, r32, rlow in zip(("out", "dq", "dck", "dcv"), (out, dq, dck, dcv), ref32, low):
+        assert got.dtype == dtype and got.shape == r32.shape
+        errs[name] = assert_close(name, got, r32, rlow, dtype)
+    lse_ref = ops_compressed.reference_lse(q.float(), ck.float(), num_mem, stride, causal, scale, offset)
+    assert torch.isfinite(lse).all(), "lse: NaN / inf (an element left unwritten?)"
+    assert (lse - lse_ref).abs().max().item() <= 1e-3
+    return errs
+
+
+def config_for(group, block_m=None):
+    """Narrow tiles (BLOCK_N = 16, few tokens per tile) so that every loop stage runs on short inputs."""
+    return {"BLOCK_M": block_m or max(32, 4 * group), "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+
+
+# ----------------------------------------------------------------------------------------------------
+# interpreter lane
+
+
+@interpreter
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("block_size,stride,num_mem", [(4, 4, 1), (8, 4, 2)], ids=["s=l,M=1", "s=l/2,M=2"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("group", [1, 2, 4, 16])
+def test_cmp_fp32(group, causal, block_size, stride, num_mem):
+    """n = 77 (31 for G = 16), M + C up to 21 key rows: several query tiles and key tiles."""
+    run_and_compare(1, 31 if group == 16 else 77, group, 1, 32, num_mem, block_size, stride, causal, torch.float32,
+                    config=config_for(group), seed=group * 10 + stride)
+
+
+@interpreter
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("num_mem", [1, 2])
+def test_cmp_many_compressed_rows(num_mem, causal):
+    """Stride 2 at n = 77: 38 compressed rows + memory over three key tiles, the unmasked / masked split
+    of both kernels in the middle of the sequence; GQA with K = 2."""
+    run_and_compare(1, 77, 4, 2, 32, num_mem, 4, 2, causal, torch.float32, config=config_for(2, 16),
+                    seed=200 + num_mem)
+
+
+@interpreter
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("n", [1, 31])
+def test_cmp_short_default_config(n, causal, dtype):
+    """The launcher's own config choice; n = 1 (no compressed block yet: memory only) and n = 31."""
+    run_and_compare(2, n, 4, 2, 32, 2, 8, 4, causal, dtype, seed=n)
+
+
+@interpreter
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("group,block_size,stride,num_mem", [(1, 8, 4, 1), (4, 4, 4, 2), (16, 8, 8, 1)])
+def test_cmp_fp16(group, block_size, stride, num_mem, causal):
+    run_and_compare(1, 31 if group == 16 else 77, group, 1, 32, num_mem, block_size, stride, causal, torch.float16,
+                    config=config_for(group), seed=100 + group)
+
+
+@interpreter
+@pytest.mark.usefixtures("poison")
+def test_cmp_group_not_power_of_two_and_head_dim_padding():
+    """G = 3 leaves padding rows in the tile; d = 40 pads to a 64-wide tile."""
+    run_and_compare(1, 31, 3, 1, 40, 1, 4, 2, True, torch.float32, config=config_for(3, 16), seed=7)
+    run_and_compare(1, 31, 3, 1, 40, 2, 4, 2, False, torch.float32, config=config_for(3, 16), seed=8)
+
+
+@interpreter
+@pytest.mark.usefixtures("poison")
+def test_cmp_query_offset():
+    """Decoding-style call: 5 queries at positions 20..24 against M + 24 // 2 rows."""
+    run_and_compare(1, 5, 2, 1, 32, 1, 4, 2, True, torch.float32, config=config_for(1, 16), offset=20)
+
+
+@interpreter
+def test_cmp_op_cpu_path_is_the_reference():
+    q, ck, cv, dout = make_inputs(1, 20, 1 + 10, 4, 2, 16, torch.float32, "cpu", 3)
+    q, ck, cv = (t.detach().requires_grad_() for t in (q, ck, cv))
+    out, lse = torch.ops.nsa.compressed_attention(q, ck, cv, 1, 4, 2, True, 0.25, 0)
+    out.backward(dout)
+    kw = dict(num_mem=1, block_size=4, stride=2, causal=True, scale=0.25)
+    ref = reference_grads(q, ck, cv, dout, torch.float32, **kw)
+    torch.testing.assert_close(out, ref[0])
+    for got, r in zip((q.grad, ck.grad, cv.grad), ref[1:]):
+        torch.testing.assert_close(got, r)
+    torch.testing.assert_close(lse, ops_compressed.reference_lse(q.detach(), ck.detach(), 1, 2, True, 0.25))
+    public, logits = ops_compressed.compressed_attention(q, ck, cv, **kw)
+    ref_out, ref_logits = reference.compressed_attention(q, ck, cv, **kw)
+    torch.testing.assert_close(public, ref_out)
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(ops_compressed.compressed_logits(q, ck, num_mem=1, stride=2, causal=True, scale=0.25),
+                               ref_logits)
+    assert ops_compressed.compressed_attention(q, ck, cv, **kw, return_logits=False)[1] is None
+
+
+def _valid_args(d=16, dtype=torch.float16):
+    return dict(
+        q=torch.randn(1, 8, 4, d, dtype=dtype), ck=torch.randn(1, 5, 2, d, dtype=dtype),
+        cv=torch.randn(1, 5, 2, d, dtype=dtype), num_mem=1, block_size=4, stride=2, causal=True, scale=0.25,
+        query_offset=0,
+    )
+
+
+def _bad_args():
+    cases = []
+
+    def case(word, **change):
+        args = _valid_args()
+        args.update(change)
+        cases.append(pytest.param(args, word, id=word.replace(" ", "_")))
+
+    case("num_mem", num_mem=0)
+    case("num_mem", num_mem=6)
+    case("block_size", block_size=0)
+    case("stride", stride=0)
+    case("stride", stride=8)
+    case("causal", causal="yes")
+    case("scale", scale=None)
+    case("query_offset", query_offset=-1)
+    case("share one dtype", cv=torch.randn(1, 5, 2, 16))
+    case("mismatched heads", ck=torch.randn(1, 5, 3, 16, dtype=torch.float16), cv=torch.randn(1, 5, 3, 16, dtype=torch.float16))
+    case("head dim", **{n: t[..., :12] for n, t in _valid_args().items() if n in ("q", "ck", "cv")})
+    case("contiguous last dim", ck=torch.randn(1, 5, 16, 2, dtype=torch.float16).transpose(-1, -2))
+    case("same shape", cv=torch.randn(1, 4, 2, 16, dtype=torch.float16))
+    case("4-D", q=torch.randn(8, 4, 16, dtype=torch.float16))
+    return cases
+
+
+@pytest.mark.parametrize("args, word", _bad_args())
+def test_cmp_validation_errors(args, word):
+    with pytest.raises((ValueError, TypeError), match=word):
+        ops_compressed.compressed_attention_fwd_launch(**args)
+    with pytest.raises((ValueError, TypeError), match=word):
+        ops_compressed.compressed_attention(**args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU lane
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("group", [1, 4, 16])
+@pytest.mark.parametrize("n,block_size,stride,num_mem", [(77, 4, 2, 2), (1000, 32, 16, 1), (4096, 32, 16, 2),
+                                                         (4096, 64, 64, 1)])
+def test_gpu_cmp_matches_reference(n, block_size, stride, num_mem, group, causal, d, dtype):
+    errs = run_and_compare(1, n, group * 2, 2, d, num_mem, block_size, stride, causal, dtype, seed=n + group,
+                           device="cuda")
+    print(f"cmp n={n} l={block_size} s={stride} M={num_mem} G={group} causal={causal} d={d} {dtype}: {errs}")
+
+
+def _gpu_inputs(dtype=torch.bfloat16, n=300, H=8, K=2, d=64, num_mem=2, stride=8):
+    q, ck, cv, dout = make_inputs(2, n, num_mem + n // stride, H, K, d, dtype, "cuda", 11)
+    return [t.detach().requires_grad_() for t in (q, ck, cv)], dout
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_gpu_cmp_opcheck(causal):
+    (q, ck, cv), _ = _gpu_inputs()
+    torch.library.opcheck(torch.ops.nsa.compressed_attention.default, (q, ck, cv, 2, 16, 8, causal, 0.125, 0))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_gpu_cmp_compile_matches_eager(causal):
+    (q, ck, cv), dout = _gpu_inputs()
+
+    def f(q, ck, cv):
+        out, _ = ops_compressed.compressed_attention(q, ck, cv, num_mem=2, block_size=16, stride=8, causal=causal,
+                                                     scale=0.125, return_logits=False)
+        return out
+
+    eager = f(q, ck, cv)
+    grads_eager = torch.autograd.grad(eager, (q, ck, cv), dout)
+    compiled = torch.compile(f, fullgraph=True)(q, ck, cv)
+    grads_compiled = torch.autograd.grad(compiled, (q, ck, cv), dout)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)
