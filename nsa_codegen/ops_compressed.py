@@ -24,6 +24,7 @@ import triton
 from . import cache, ops_window
 from .ops_window import (
     _no_wrap,
+    dense_attention_backward,
     check_attention_tensors,
     check_flag,
     check_int,
@@ -190,11 +191,16 @@ def _compressed_attention_cpu(q, ck, cv, num_mem, block_size, stride, causal, sc
 @_compressed_attention_bwd_op.register_kernel("cpu")
 def _compressed_attention_bwd_cpu(q, ck, cv, out, lse, dout, num_mem, block_size, stride, causal, scale,
                                   query_offset):
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_() for t in (q, ck, cv)]
-        o, _ = _reference(*inputs, num_mem, block_size, stride, causal, scale, query_offset)
-        grads = torch.autograd.grad(o, inputs, dout, allow_unused=True)
-    return tuple(torch.zeros_like(t) if gr is None else gr.contiguous() for gr, t in zip(grads, inputs))
+    nkv = ck.shape[1]
+
+    def visible(i0, i1, j0, j1):
+        pos = torch.arange(i0, i1, device=q.device) + query_offset
+        rows = torch.arange(j0, j1, device=q.device)
+        if not causal:
+            return torch.ones((i1 - i0, j1 - j0), dtype=torch.bool, device=q.device)
+        return rows[None, :] < num_mem + torch.div(pos, stride, rounding_mode="floor")[:, None]
+
+    return dense_attention_backward(q, ck, cv, out, dout, scale, key_range=lambda i0, i1: (0, nkv), visible=visible)
 
 
 def _setup_context(ctx, inputs, output):

@@ -217,6 +217,7 @@ def _bwd(q, ck, idx, val, lse, grad_values, info, num_mem, selection_block_size,
                                           share=share)[1])
     d, kp = int(d), max(2, _pow2(int(kk)))  # constexprs: specialize (guard) on symbolic sizes
     constexprs, launch = _config(module, d, q.dtype, config)
+    idx, val = idx.contiguous(), val.contiguous()  # the kernel reads both with one set of strides
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if POISON_OUTPUTS:
         dq.fill_(float("nan"))

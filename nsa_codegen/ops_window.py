@@ -58,9 +58,8 @@ def check_attention_tensors(q, k, v, k_name: str = "k", v_name: str = "v") -> No
             raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, {k_name}, {v_name} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"all tensors must be on one device, got {devices}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, {k_name}, {v_name} must be on one device, got {q.device}, {k.device}, {v.device}")
     b, _, h, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"{k_name} and {v_name} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -130,6 +129,8 @@ def _pick_config(module, block_d: int, dtype_bytes: int) -> dict:
 def launch_config(module, d: int, dtype: torch.dtype, config: Optional[dict] = None) -> tuple[dict, dict]:
     """(constexprs, launch options) of the chosen tile config; `config` overrides (tests, benchmarks)."""
     c = config if config is not None else _pick_config(module, _pow2(max(16, d)), torch.finfo(dtype).bits // 8)
+    if c["BLOCK_M"] < module.GROUP or c["BLOCK_M"] & (c["BLOCK_M"] - 1) or c["BLOCK_N"] & (c["BLOCK_N"] - 1):
+        raise ValueError(f"config {c}: BLOCK_M, BLOCK_N must be powers of two with BLOCK_M >= G = {module.GROUP}")
     constexprs = {
         "HEAD_DIM": d,
         "BLOCK_D": _pow2(max(16, d)),
@@ -238,6 +239,52 @@ def check_saved(q, out, lse, dout) -> None:
 # torch.library: nsa::sliding_window_attention (+ its backward op)
 
 
+def _window_keys(i0, i1, nk, window, causal, query_offset):
+    """Key range [j0, j1) of the queries [i0, i1) (local indices) and the chunk's (i, j) visibility."""
+    j0 = max(0, i0 + query_offset - window)
+    j1 = min(nk, i1 + query_offset + (0 if causal else window))
+    return j0, j1
+
+
+def _window_visible(i0, i1, j0, j1, window, causal, query_offset, device):
+    pos = torch.arange(i0, i1, device=device) + query_offset
+    keys = torch.arange(j0, j1, device=device)
+    upper = pos[:, None] if causal else pos[:, None] + window
+    return (keys[None, :] >= pos[:, None] - window) & (keys[None, :] <= upper)
+
+
+def dense_attention_backward(q, k, v, out, dout, scale, key_range, visible, chunk=128):
+    """Attention gradients in plain torch without autograd (usable inside a custom op's CPU kernel,
+    where autograd does not record), chunked over queries. key_range(i0, i1) -> (j0, j1);
+    visible(i0, i1, j0, j1) -> (i1 - i0, j1 - j0) bool. Returns (dq, dk, dv) in the inputs' dtypes."""
+    b, nq, h, d = q.shape
+    kh = k.shape[2]
+    g = h // kh
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    for i0 in range(0, nq, chunk):
+        i1 = min(nq, i0 + chunk)
+        j0, j1 = key_range(i0, i1)
+        if j1 <= j0:
+            continue
+        c = i1 - i0
+        qi = q[:, i0:i1].float().reshape(b, c, kh, g, d)
+        doi = dout[:, i0:i1].float().reshape(b, c, kh, g, d)
+        oi = out[:, i0:i1].float().reshape(b, c, kh, g, d)
+        kj, vj = k[:, j0:j1].float(), v[:, j0:j1].float()
+        s = torch.einsum("bnkgd,bmkd->bnkgm", qi, kj) * scale
+        s = s.masked_fill(~visible(i0, i1, j0, j1)[None, :, None, None, :], float("-inf"))
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        p = torch.exp(s - lse.nan_to_num(posinf=0.0, neginf=0.0)).nan_to_num(0.0)  # rows without keys: 0
+        dp = torch.einsum("bnkgd,bmkd->bnkgm", doi, vj)
+        ds = p * (dp - (doi * oi).sum(-1, keepdim=True))
+        dq[:, i0:i1] = (torch.einsum("bnkgm,bmkd->bnkgd", ds, kj) * scale).reshape(b, c, h, d)
+        dk[:, j0:j1] += torch.einsum("bnkgm,bnkgd->bmkd", ds, qi) * scale
+        dv[:, j0:j1] += torch.einsum("bnkgm,bnkgd->bmkd", p, doi)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def reference_lse(q, k, window, causal, scale, query_offset=0, chunk=128):
     """lse (b, n_q, H) fp32 of the window logits, chunked over queries (any device)."""
     b, nq, h, d = q.shape
@@ -246,16 +293,11 @@ def reference_lse(q, k, window, causal, scale, query_offset=0, chunk=128):
     lse = torch.empty((b, nq, h), device=q.device, dtype=torch.float32)
     for i0 in range(0, nq, chunk):
         i1 = min(nq, i0 + chunk)
-        pos = torch.arange(i0, i1, device=q.device) + query_offset
-        j0 = max(0, i0 + query_offset - window)
-        j1 = min(nk, i1 + query_offset + (0 if causal else window))
+        j0, j1 = _window_keys(i0, i1, nk, window, causal, query_offset)
         if j1 <= j0:
             lse[:, i0:i1] = float("-inf")
             continue
-        keys = torch.arange(j0, j1, device=q.device)
-        vis = (keys[None, :] >= pos[:, None] - window) & (
-            (keys[None, :] <= pos[:, None]) if causal else (keys[None, :] <= pos[:, None] + window)
-        )
+        vis = _window_visible(i0, i1, j0, j1, window, causal, query_offset, q.device)
         qi = q[:, i0:i1].float().reshape(b, i1 - i0, kh, g, d)
         s = torch.einsum("bnkgd,bmkd->bnkgm", qi, k[:, j0:j1].float()) * scale
         s = s.masked_fill(~vis[None, :, None, None, :], float("-inf"))
@@ -295,14 +337,12 @@ def _sliding_window_cpu(q, k, v, window, causal, scale, query_offset):
 
 @_sliding_window_bwd_op.register_kernel("cpu")
 def _sliding_window_bwd_cpu(q, k, v, out, lse, dout, window, causal, scale, query_offset):
-    from . import reference
-
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        o = reference.sliding_window_attention(*inputs, window=window, causal=causal, scale=scale,
-                                               query_offset=query_offset)
-        grads = torch.autograd.grad(o, inputs, dout, allow_unused=True)
-    return tuple(torch.zeros_like(t) if gr is None else gr.contiguous() for gr, t in zip(grads, inputs))
+    nk = k.shape[1]
+    return dense_attention_backward(
+        q, k, v, out, dout, scale,
+        key_range=lambda i0, i1: _window_keys(i0, i1, nk, window, causal, query_offset),
+        visible=lambda i0, i1, j0, j1: _window_visible(i0, i1, j0, j1, window, causal, query_offset, q.device),
+    )
 
 
 def _setup_context(ctx, inputs, output):

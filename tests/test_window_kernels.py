@@ -270,3 +270,104 @@ def test_gpu_window_compile_matches_eager(causal):
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# generator side: resource model and structure of the rendered sources (no kernels run)
+
+
+@pytest.mark.parametrize("family", ["window_fwd", "window_bwd", "cmp_fwd", "cmp_bwd"])
+@pytest.mark.parametrize("group", [1, 3, 16, 128])
+def test_dense_tile_configs_fit_and_render(family, group):
+    from nsa_codegen import resources_dense
+    from nsa_codegen.render import render
+    from nsa_codegen.spec import VariantSpec
+
+    spec = VariantSpec(family, 0, group, True)
+    kept, dropped = resources_dense.tile_configs(spec)
+    assert kept, dropped
+    for c in kept:
+        assert c["BLOCK_M"] >= group
+        pred = resources_dense.predict(spec, c, resources_dense.MAX_HEAD_DIM, 2)
+        assert pred["shared"] <= resources_dense.SMEM_LIMIT and pred["n_regs"] > 0
+        assert c["max_d16"] >= c["max_d32"]
+    for line in dropped:
+        assert "BLOCK_M < G" in line or "shared memory" in line
+    for causal in (True, False):
+        source = render(VariantSpec(family, 0, group, causal))
+        compile(source, spec.name, "exec")
+        assert f"GROUP = {group}\n" in source and f"CAUSAL = {causal}\n" in source
+        # structural: G = 1 has no head packing, a power-of-two G no padding rows
+        assert ("rows // " in source) == (group > 1)
+        assert ("rows < TOKENS" in source) == (group not in (1, 2, 4, 8, 16, 32, 64, 128))
+
+
+@pytest.mark.parametrize("family", ["window_fwd", "window_bwd", "cmp_fwd", "cmp_bwd"])
+def test_dense_sources_have_no_dead_branches(family):
+    from nsa_codegen.render import render
+    from nsa_codegen.spec import VariantSpec
+
+    causal = render(VariantSpec(family, 0, 4, True))
+    noncausal = render(VariantSpec(family, 0, 4, False))
+    if family.startswith("window"):
+        assert "key[None, :] <= pos[:, None]" in causal or "key[:, None] <= pos[None, :]" in causal
+        assert "pos[:, None] + WINDOW" in noncausal or "pos[None, :] + WINDOW" in noncausal
+        assert "+ WINDOW)" not in causal
+    else:
+        assert "// STRIDE" in causal and "// STRIDE" not in noncausal
+        assert "pos = " not in noncausal and "pos[" not in noncausal
+
+
+class _Recorder:
+    """A `wrap` for the launchers' internals that launches normally and keeps each compiled kernel."""
+
+    def __init__(self):
+        self.launched = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    compiled = kernel[grid](*args, **kwargs)
+                    recorder.launched.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), kwargs, compiled))
+                    return compiled
+
+                return launch
+
+        return _Grid()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 16])
+def test_gpu_dense_resource_model_vs_compiled(group, d):
+    """Prints the sympy model's shared memory / registers beside the compiled kernels' (the closing note's
+    comparison); asserts only that the compiled kernels fit the H100/H200 shared-memory limit."""
+    from nsa_codegen import ops_compressed, resources_dense
+
+    q, k, v, dout = make_inputs(1, 512, 512, 2 * group, 2, d, torch.bfloat16, "cuda", 5)
+    runs = []
+    rec = _Recorder()
+    out, lse = ops_window._fwd(q, k, v, 64, True, d ** -0.5, 0, rec)
+    runs.append((ops_window.variant_specs(q, k, True)[0], list(rec.launched)))
+    rec.launched.clear()
+    ops_window._bwd(q, k, v, out, lse, dout, 64, True, d ** -0.5, 0, rec)
+    runs.append((ops_window.variant_specs(q, k, True)[1], list(rec.launched)))
+    ck, cv = k[:, :40], v[:, :40]
+    rec.launched.clear()
+    out, lse = ops_compressed._fwd(q, ck, cv, 1, 16, True, d ** -0.5, 0, rec)
+    runs.append((ops_compressed.variant_specs(q, ck, True)[0], list(rec.launched)))
+    rec.launched.clear()
+    ops_compressed._bwd(q, ck, cv, out, lse, dout, 1, 16, True, d ** -0.5, 0, rec)
+    runs.append((ops_compressed.variant_specs(q, ck, True)[1], list(rec.launched)))
+    for spec, launched in runs:
+        for name, kwargs, compiled in launched:
+            config = {key: kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+            pred = resources_dense.predict(spec, config, d, 2)
+            shared = compiled.metadata.shared
+            print(f"RESOURCES {spec.name} {name} d={d} {config}: model shared={pred['shared']} regs={pred['n_regs']} | "
+                  f"compiled shared={shared} regs={getattr(compiled, 'n_regs', '?')} spills={getattr(compiled, 'n_spills', '?')}")
+            assert shared <= resources_dense.SMEM_LIMIT
