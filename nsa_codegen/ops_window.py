@@ -129,8 +129,11 @@ def _pick_config(module, block_d: int, dtype_bytes: int) -> dict:
 def launch_config(module, d: int, dtype: torch.dtype, config: Optional[dict] = None) -> tuple[dict, dict]:
     """(constexprs, launch options) of the chosen tile config; `config` overrides (tests, benchmarks)."""
     c = config if config is not None else _pick_config(module, _pow2(max(16, d)), torch.finfo(dtype).bits // 8)
-    if c["BLOCK_M"] < module.GROUP or c["BLOCK_M"] & (c["BLOCK_M"] - 1) or c["BLOCK_N"] & (c["BLOCK_N"] - 1):
-        raise ValueError(f"config {c}: BLOCK_M, BLOCK_N must be powers of two with BLOCK_M >= G = {module.GROUP}")
+    bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+    if bm < max(16, module.GROUP) or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(
+            f"config {c}: BLOCK_M, BLOCK_N must be powers of two >= 16 with BLOCK_M >= G = {module.GROUP}"
+        )
     constexprs = {
         "HEAD_DIM": d,
         "BLOCK_D": _pow2(max(16, d)),
@@ -368,18 +371,19 @@ _sliding_window_op.register_autograd(_backward, setup_context=_setup_context)
 # public
 
 
-def sliding_window_attention(q, k, v, *, window, causal, scale, query_offset=0):
+def sliding_window_attention(q, k, v, *, window, causal, scale, query_offset=0, chunk_size=None):
     """Sliding-window attention (nsa-spec section 6); returns out (b, n_q, H, d).
 
     Same contract as `reference.sliding_window_attention`. CUDA: `torch.ops.nsa.sliding_window_attention`
-    on the generated Triton kernels (differentiable in q, k, v). Elsewhere: the reference.
+    on the generated Triton kernels (differentiable in q, k, v; `chunk_size` is not used there).
+    Elsewhere: the reference.
     """
     check_inputs(q, k, v, window, causal, scale, query_offset)
     if q.device.type != "cuda":
         from . import reference
 
         return reference.sliding_window_attention(q, k, v, window=window, causal=causal, scale=scale,
-                                                  query_offset=query_offset)
+                                                  query_offset=query_offset, chunk_size=chunk_size)
     check_launch(q, k)
     out, _ = torch.ops.nsa.sliding_window_attention(q, k, v, int(window), bool(causal), float(scale),
                                                     int(query_offset))

@@ -485,7 +485,7 @@ def _selected_chunk(q, block_idx, block_valid, gates, k, v, q0, cfg):
     o = torch.einsum("bqkgj,bjkd->bqkgd", p.reshape(b, Q, K, G, nk), vc)  # (b, Q, K, G, d)
     if not causal:
         has = mask.any(dim=-1)  # (b, Q, Hs)
-        o = o * has.reshape(b, Q, Hs, H // Hs, 1).reshape(b, Q, K, G, 1).to(o.dtype)
+        o = o.reshape(b, Q, Hs, H // Hs, d) * has[..., None, None].to(o.dtype)
     return o.reshape(b, Q, H, d)
 
 

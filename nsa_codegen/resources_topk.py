@@ -9,16 +9,31 @@ for fp32), so the importance scores carry no 16-bit rounding. Per row the kernel
 log-sum-exp and a top-KP list (key, index) in registers; KP = next power of two of kk is a runtime
 specialization (not known at render time), modelled at KP = 32.
 
-Model (per program):
-  topk_fwd  smem = S*BU*D*B (ck tile per stage) + BU*D*4 (ck as fp32 dot operand) + BM*D*4 (q operand)
+Model (per program), fitted to kernels compiled offline for sm_90 (triton 3.9, `triton.compile` with
+GPUTarget('cuda', 90, 32); shared memory from the compiled metadata, registers and spills from
+`cuobjdump -res-usage`). The dots take fp32 operands, staged through shared memory and, for tf32x3
+(16-bit inputs), split into hi/lo halves: 16/B bytes per operand element. The candidate-key loads are
+gathers (rows u*R + j) that the compiler does not pipeline through shared memory, so the number of
+stages does not enter. The formulas are upper bounds of what was measured:
+  topk_fwd  smem = (BM + BU)*D*16/B
             regs = (BM*D + 3*BM*BU + 2*BM*KP) / (32 W) + 40        (q, scores/keys/merge, top-k list)
-  topk_bwd  smem = S*BU*D*B + BU*D*4 + 2*BM*D*4 + 2*BM*BU*4        (ck, q, dS and dS^T operands)
-            regs = (2*BM*D + BU*D + 3*BM*BU + 2*BM*KP) / (32 W) + 48  (q, dq, dck tile, scores/ds)
+  topk_bwd  smem = (BM + BU)*D*16/B + BM*D*8 + BM*BU*8
+            regs = (2*BM*D + BU*D + 3*BM*BU + 2*BM*KP) / (32 W) + 48  (q, dq, ck sum, scores/ds)
+Compiled (measured) vs model, shared memory in bytes, bf16, causal, G = 16, R = 4, KP = 16 unless noted:
+  fwd 64x64 D128 8w: 131072 vs 131072, 217 regs, no spill   (4 warps: 255 regs, no spill)
+  fwd 64x64 D64  4w:  65536 vs  65536       fwd 64x32 D128 fp16 non-causal: 98304 vs 98304
+  fwd 64x64 D128 G1 4w: 131072 vs 131072, 200 regs, no spill
+  bwd 32x32 D128 8w: 106496 vs 106496, 255 regs, 64 B spilled   (4 warps: 592 B spilled)
+  bwd 32x64 D128 8w non-causal: 147456 vs 163840, 255 regs, 144 B spilled
+  bwd 64x32 D128 8w: 163840 vs 180224, 255 regs, 832 B spilled
+  bwd 64x32 D64  4w:  81920 vs  90112, 255 regs, 752 B spilled
+The register formula is a rough guide only (it does not see tf32x3's operand copies); the preference
+order below puts the configs measured without (or with the least) spilling first.
 
-`tile_configs(spec)` enumerates the candidates in order of preference, drops those whose predicted
-shared memory exceeds 227 KiB (H100/H200) at head dim 256 in a 16-bit dtype, and records for every kept
-config the largest head dim it fits (shared memory and registers) for 16- and 32-bit inputs
-(`max_d16`, `max_d32`); the launcher picks the first config that fits the call, without this module.
+`tile_configs(spec)` enumerates the candidates in order of preference and records for each the largest
+head dim (16..256) it fits (predicted shared memory <= 227 KiB on H100/H200, registers <= 255) for 16-
+and 32-bit inputs (`max_d16`, `max_d32`); a config that fits no head dim is dropped with the reason.
+The launcher picks the first kept config that fits the call's head dim, without importing this module.
 """
 from __future__ import annotations
 
@@ -38,17 +53,20 @@ MODEL_KP = 32  # top-k list width assumed at render time (kk <= 32 covers the pa
 BM, BU, D, S, B, W, KP = sympy.symbols("BLOCK_M BLOCK_U D stages bytes num_warps KP", positive=True, integer=True)
 
 SMEM = {
-    "topk_fwd": S * BU * D * B + BU * D * 4 + BM * D * 4,
-    "topk_bwd": S * BU * D * B + BU * D * 4 + 2 * BM * D * 4 + 2 * BM * BU * 4,
+    "topk_fwd": (BM + BU) * D * 16 / B,
+    "topk_bwd": (BM + BU) * D * 16 / B + BM * D * 8 + BM * BU * 8,
 }
 REGS = {
     "topk_fwd": (BM * D + 3 * BM * BU + 2 * BM * KP) / (32 * W) + 40,
     "topk_bwd": (2 * BM * D + BU * D + 3 * BM * BU + 2 * BM * KP) / (32 * W) + 48,
 }
 
-# (BLOCK_M, BLOCK_U) in order of preference, then (num_warps, num_stages)
-TILES = ((64, 64), (64, 32), (32, 64), (32, 32), (128, 64), (16, 64), (16, 32), (16, 16))
-LAUNCH = ((4, 2), (8, 2), (4, 1))
+# per family: (BLOCK_M, BLOCK_U) in order of preference, then (num_warps, num_stages)
+TILES = {
+    "topk_fwd": ((64, 64), (64, 32), (32, 64), (32, 32), (128, 64), (16, 64), (16, 32), (16, 16)),
+    "topk_bwd": ((32, 32), (32, 64), (64, 32), (64, 64), (16, 64), (16, 32), (16, 16)),
+}
+LAUNCH = ((8, 2), (4, 2), (8, 1))
 
 
 @cache
@@ -78,21 +96,16 @@ def tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
     if spec.family not in SMEM:
         raise ValueError(f"no resource model for family {spec.family!r}; known: {sorted(SMEM)}")
     kept, dropped = [], []
-    for (bm, bu), (warps, stages) in itertools.product(TILES, LAUNCH):
+    for (bm, bu), (warps, stages) in itertools.product(TILES[spec.family], LAUNCH):
         config = {"BLOCK_M": bm, "BLOCK_U": bu, "num_warps": warps, "num_stages": stages}
-        pred = predict(spec, config, MAX_HEAD_DIM, 2)
-        if pred["shared"] > SMEM_LIMIT:
-            dropped.append(
-                f"BLOCK_M={bm} BLOCK_U={bu} num_warps={warps} num_stages={stages}: shared memory "
-                f"{pred['shared']} B > {SMEM_LIMIT} B at head dim {MAX_HEAD_DIM} in 16-bit"
-            )
-            continue
         config["max_d16"] = _max_head_dim(spec, config, 2)
         config["max_d32"] = _max_head_dim(spec, config, 4)
-        if config["max_d16"] == 0:
+        if config["max_d16"] == 0 or config["max_d32"] == 0:
+            pred = predict(spec, config, HEAD_DIMS[0], 4)
             dropped.append(
-                f"BLOCK_M={bm} BLOCK_U={bu} num_warps={warps} num_stages={stages}: registers "
-                f"{predict(spec, config, 16, 2)['n_regs']} > {REG_LIMIT} per thread even at head dim 16"
+                f"BLOCK_M={bm} BLOCK_U={bu} num_warps={warps} num_stages={stages}: fits no head dim "
+                f"(at head dim {HEAD_DIMS[0]} in fp32: shared memory {pred['shared']} B of {SMEM_LIMIT} B, "
+                f"{pred['n_regs']} of {REG_LIMIT} registers per thread)"
             )
             continue
         kept.append(config)

@@ -5,7 +5,8 @@ of q, ck and cv (memory rows included) against nsa_codegen.reference under desig
 outputs poisoned with NaN before the launch and checked written; strided inputs; strides l and l/2;
 M in {1, 2}; query offsets; validation errors; the torch.library op's CPU path. GPU lane
 (`pytest -m gpu`, bf16 + fp16 on CUDA): the same comparison at d 64 / 128 and n up to 4096, `opcheck`,
-and torch.compile(fullgraph=True) forward + backward vs eager.
+and torch.compile(fullgraph=True) forward + backward vs eager. With $NSA_TEST_REPORT_DIR (or $OUT)
+set, the GPU lane appends its errors to dense_kernels_gpu.jsonl there.
 """
 from __future__ import annotations
 
@@ -20,6 +21,17 @@ if not torch.cuda.is_available():
 from nsa_codegen import ops_compressed, ops_window, reference  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gpu_report(record: dict) -> None:
+    """GPU lane: append one JSON line per result to $NSA_TEST_REPORT_DIR (or $OUT) /dense_kernels_gpu.jsonl,
+    so the worst errors per family / dtype and the resource comparison survive pytest's capture."""
+    root = os.environ.get("NSA_TEST_REPORT_DIR") or os.environ.get("OUT")
+    if root:
+        import json
+
+        with open(os.path.join(root, "dense_kernels_gpu.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 interpreter = pytest.mark.skipif(not INTERPRET, reason="interpreter lane (TRITON_INTERPRET=1, CPU)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -236,7 +248,8 @@ def test_cmp_validation_errors(args, word):
 def test_gpu_cmp_matches_reference(n, block_size, stride, num_mem, group, causal, d, dtype):
     errs = run_and_compare(1, n, group * 2, 2, d, num_mem, block_size, stride, causal, dtype, seed=n + group,
                            device="cuda")
-    print(f"cmp n={n} l={block_size} s={stride} M={num_mem} G={group} causal={causal} d={d} {dtype}: {errs}")
+    gpu_report({"test": "cmp", "n": n, "block_size": block_size, "stride": stride, "num_mem": num_mem,
+                "group": group, "causal": causal, "d": d, "dtype": str(dtype), "errors": errs})
 
 
 def _gpu_inputs(dtype=torch.bfloat16, n=300, H=8, K=2, d=64, num_mem=2, stride=8):

@@ -384,7 +384,7 @@ def test_templates_render_plain_python(family, block_size, group, causal):
     source = render(VariantSpec(family, block_size, group, causal))
     compile(source, f"{family}.py", "exec")
     assert "{{" not in source and "{%" not in source
-    assert ("own[:, None])" in source) and (("static_range(%d)" % group in source) == (group > 1))
+    assert ("own[:, None])" in source) and (("for g in range(%d)" % group in source) == (group > 1))
     assert ("u_end = U\n" in source) == (not causal)
 
 
