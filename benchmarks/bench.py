@@ -890,6 +890,12 @@ def resource_report(bench) -> list[dict]:
                 except Exception as exc:  # noqa: BLE001
                     ent["error"] = _short_err(exc)
                 report.append(ent)
+        try:  # which template source the timed kernels came from
+            from nsa_codegen import render as _render
+            report.append(dict(variant=vname, kernel="(template)",
+                               template_sha256=_render.template_sha256(spec.template)))
+        except Exception:  # noqa: BLE001
+            pass
         rmod = _resource_module(spec)
         if rmod is not None and hasattr(rmod, "tile_configs"):
             try:
@@ -1116,8 +1122,8 @@ def compute_ratios(rows) -> list[dict]:
     # GQA: per-FLOP throughput of ours at G against G = max (the target: at least half)
     for (sec, impl, n, G, mode), r in ok.items():
         if sec == "gqa" and impl == "ours" and r.get("tflops"):
-            Gmax = max(k[3] for k in ok if k[0] == "gqa" and k[1] == "ours")
-            top = ok.get(("gqa", "ours", n, Gmax, mode))
+            Gmax = max([k[3] for k in ok if k[0] in ("gqa", "selected") and k[1] == "ours" and k[2] == n])
+            top = ok.get(("gqa", "ours", n, Gmax, mode)) or ok.get(("selected", "ours", n, Gmax, mode))
             if top is not None and G != Gmax and top.get("tflops"):
                 ratios.append(dict(section="gqa_efficiency", n=n, G=G, mode=mode, anchor=f"ours_G{G}_tflops",
                                    ours=f"ours_G{Gmax}_tflops", anchor_ms=r["tflops"], ours_ms=top["tflops"],
@@ -1277,6 +1283,7 @@ def warm_main(which: str, H: int) -> int:
         try:
             if which == "fla":
                 impl_fla(bench, inp, sel, mode, d ** -0.5, l)()
+            elif which == "fla_layer":
                 impl_fla_layer(bench, inp, mode, dict(CONFIG, H=H))()
             elif which == "nsa_pytorch":
                 impl_nsa_pytorch(bench, inp, sel, mode, d ** -0.5, l)()
@@ -1293,7 +1300,12 @@ def start_warmers(bench):
     procs = []
     if not bench.cuda or bench.args.no_warm:
         return procs
-    for which in ("fla", "nsa_pytorch"):
+    wanted = []
+    if "selected" in bench.args.sections or "check" in bench.args.sections:
+        wanted += ["fla", "nsa_pytorch"]
+    if "layer" in bench.args.sections:
+        wanted.append("fla_layer")
+    for which in wanted:  # measured on the H200: ~47 s, ~50 s and ~46 s of compiling each when cold
         try:
             procs.append((which, time.perf_counter(), subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.bench", "--warm", which, "--H", str(bench.args.H)],
@@ -1379,7 +1391,7 @@ def main(argv=None) -> int:
     def settle():
         # nothing is timed before this point: the compile-only warmers may share the GPU until now
         nonlocal warmers
-        wait_warmers(bench, warmers, limit=min(120.0, max(5.0, bench.remaining() * 0.3)))
+        wait_warmers(bench, warmers, limit=min(150.0, max(5.0, bench.remaining() * 0.4)))
         warmers = []
         ceilings.update(measure_ceilings(bench))
         bench.log(f"ceilings: {json.dumps({k: v for k, v in ceilings.items() if not k.endswith('_ms')})}")
@@ -1396,7 +1408,14 @@ def main(argv=None) -> int:
                 phase_selected(bench, args.ns, dl)
             elif name == "gqa":
                 impls = [x for x in SELECTED_IMPLS if x[0] in ("ours", "fla", "nsa_pytorch")]
-                phase_selected(bench, [args.gqa_n], dl, section="gqa", Gs=GQA_GS, impls=impls)
+                G0 = args.H // CONFIG["K"]
+                Gs = sorted(GQA_GS, reverse=True)
+                if "selected" in args.sections and args.gqa_n in args.ns:
+                    # the base G at gqa_n is exactly a row of the selected section: not timed twice
+                    Gs = [G for G in Gs if G != G0]
+                    bench.notes.append(f"gqa: G={G0} at n={args.gqa_n} is the selected section's row "
+                                       f"(same configuration); plots and ratios take it from there")
+                phase_selected(bench, [args.gqa_n], dl, section="gqa", Gs=Gs, impls=impls)
             elif name == "layer":
                 phase_layer(bench, args.ns, dl)
             elif name == "flex":

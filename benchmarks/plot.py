@@ -163,6 +163,15 @@ def plot_gqa(res, path):
     rows_all = [r for r in res["rows"] if r["section"] == "gqa"]
     if not rows_all:
         return False
+    n_gqa = rows_all[0]["n"]
+    # the base G at the sweep's n is the selected section's row (same configuration, same run)
+    from_sel = [dict(r, _from_selected=True) for r in res["rows"]
+                if r["section"] == "selected" and r["n"] == n_gqa and r["status"] == "ok"
+                and r["impl"] in {x["impl"] for x in rows_all}
+                and not any(x["G"] == r["G"] and x["impl"] == r["impl"] and x["mode"] == r["mode"]
+                            and x["status"] == "ok" for x in rows_all)]
+    rows_all = [r for r in rows_all if not any(
+        f["G"] == r["G"] and f["impl"] == r["impl"] and f["mode"] == r["mode"] for f in from_sel)] + from_sel
     Gs = sorted({r["G"] for r in rows_all})
     impls = _impls(res, ("gqa",))
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
@@ -173,22 +182,28 @@ def plot_gqa(res, path):
             for i, G in enumerate(Gs):
                 r = [x for x in rows_all if x["impl"] == impl and x["G"] == G and x["mode"] == mode]
                 if r and r[0]["status"] == "ok" and r[0].get("tflops"):
-                    xs.append(i + (j - (len(impls) - 1) / 2) * width)
-                    ys.append(r[0]["tflops"])
+                    x = i + (j - (len(impls) - 1) / 2) * width
+                    if r[0].get("_from_selected"):
+                        ax.bar([x], [r[0]["tflops"]], width=width, hatch="//", edgecolor="k",
+                               color=STYLE.get(impl, {}).get("color"))
+                    else:
+                        xs.append(x)
+                        ys.append(r[0]["tflops"])
                 elif r:
                     ax.text(i + (j - (len(impls) - 1) / 2) * width, 0, "x", ha="center", va="bottom",
                             color=STYLE.get(impl, {}).get("color", "k"), fontsize=8)
-            ax.bar(xs, ys, width=width, label=SHORT.get(impl, impl),
-                   color=STYLE.get(impl, {}).get("color"))
+            if xs:
+                ax.bar(xs, ys, width=width, color=STYLE.get(impl, {}).get("color"))
         ax.set_xticks(range(len(Gs)))
         ax.set_xticklabels([f"G={G}\n(K={res['config']['H'] // G})" for G in Gs])
         ax.set_ylabel("achieved TFLOP/s (useful FLOPs)")
-        ax.set_title(f"{MODES[mode]}, n={rows_all[0]['n']}", fontsize=9)
+        ax.set_title(f"{MODES[mode]}, n={n_gqa}", fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
-        ceil = res.get("ceilings", {}).get("matmul_bf16_8192_tflops")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(_title(res, "GQA sweep of the selected branch at fixed H (x: not run / unsupported)"),
-                 fontsize=9)
+    from matplotlib.patches import Patch
+    axes[1].legend(handles=[Patch(color=STYLE.get(i, {}).get("color"), label=SHORT.get(i, i)) for i in impls],
+                   fontsize=7)
+    fig.suptitle(_title(res, "GQA sweep of the selected branch at fixed H (x: not run / unsupported; "
+                         "hatched: the selected section's row at the same n)"), fontsize=9)
     fails = _failures(res, ("gqa",))
     fig.tight_layout(rect=(0, 0.03 + 0.022 * min(len(fails), 9), 1, 1))
     _note(fig, fails)
