@@ -196,6 +196,34 @@ def resource_compare():
         log("resources", json.dumps(row))
 
 
+def config_sweep():
+    """fwd and fwd+bwd of the headline shape (n=8192, G=16) and of G=1 under every kept config."""
+    import types
+
+    b, K, d, l, kk, n = 1, 4, 128, 64, 16, 8192
+    RESULTS["configs"] = []
+    for G in (16, 1):
+        q, k, v, idx, valid, g = inputs(b, n, 4 * G, K, d, l, kk, True, torch.bfloat16, gates=False)
+        for fam in ("select_fwd", "select_bwd"):
+            spec = VariantSpec(fam, l, G, True)
+            mod = cache.load_variant(spec)
+            for cfg in mod.CONFIGS:
+                one = types.ModuleType(f"{mod.__name__}_cfg")
+                one.__dict__.update({k_: v_ for k_, v_ in vars(mod).items() if not k_.startswith("__")})
+                one.CONFIGS = [cfg]
+                try:
+                    if fam == "select_fwd":
+                        t = bench_pair(q, k, v, idx, valid, None, l, True, fwd_mod=one)[0]
+                    else:
+                        t = bench_pair(q, k, v, idx, valid, None, l, True, bwd_mod=one)[1]
+                except Exception as exc:  # a config that fails to compile is reported, not fatal
+                    t = [float("nan"), repr(exc)[:80]]
+                row = {"G": G, "family": fam, "config": {k_: cfg[k_] for k_ in ("BLOCK_N", "num_warps", "num_stages")},
+                       "ms": t[0]}
+                RESULTS["configs"].append(row)
+                log("config", json.dumps(row))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -204,7 +232,8 @@ def main():
     args = ap.parse_args()
     RESULTS["env"] = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
     log("env", RESULTS["env"])
-    steps = {"smoke": smoke, "timing": lambda: timing(args.quick), "packing": packing, "resources": resource_compare}
+    steps = {"smoke": smoke, "timing": lambda: timing(args.quick), "packing": packing, "resources": resource_compare,
+             "configs": config_sweep}
     for name, fn in steps.items():
         if name in args.skip.split(","):
             continue
@@ -231,6 +260,8 @@ def main():
     for r in RESULTS["resources"]:
         log(f"{r['variant']:32s} shared model {r['model_shared']:6d} compiled {r['compiled_shared']}  "
             f"regs model {r['model_regs']:4d} compiled {r['compiled_regs']} spills {r['spills']}")
+    for r in RESULTS.get("configs", []):
+        log(f"config G={r['G']:2d} {r['family']} {r['config']} -> {r['ms']:.3f} ms ({'fwd' if r['family'] == 'select_fwd' else 'fwd+bwd'})")
     for e in RESULTS.get("errors", []):
         log("ERROR", e)
 

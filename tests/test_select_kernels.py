@@ -97,7 +97,7 @@ def reference_grads(inp, dout, *, block_size, causal, scale, dtype):
     out.backward(dout.to(dtype))
     res = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
     if g is not None:
-        res["dgates"] = g.grad
+        res["dgates"] = g.grad if g.grad is not None else torch.zeros_like(g)  # kk = 0: no gate used
     if dtype == torch.float32:
         with torch.no_grad():
             _, lse = ops._reference_lse(q, k, v, inp["block_idx"], inp["block_valid"], g, block_size, causal, scale)
@@ -157,9 +157,18 @@ def compare_case(*, n, H, K, d, block_size, kk, causal, dtype, shared=True, gate
     got = run_kernels(inp, dout, **kw)
     ref32 = reference_grads(inp, dout, **kw, dtype=torch.float32)
     if dtype == torch.float32:
-        return check(got, ref32)
-    ref_lowp = reference_grads(inp, dout, **kw, dtype=dtype)
-    return check(got, ref32, ref_lowp, gpu_rel=gpu_rel)
+        report = check(got, ref32)
+    else:
+        report = check(got, ref32, reference_grads(inp, dout, **kw, dtype=dtype), gpu_rel=gpu_rel)
+    if os.environ.get("NSA_ERR_LOG"):  # one JSON line per case, for the per-family worst-error summary
+        import json
+
+        group = H // K if shared else 1
+        row = {"variant": f"bs{block_size}_g{group}_{'causal' if causal else 'noncausal'}", "dtype": str(dtype)[6:],
+               "d": d, "err": {k_: e for k_, (e, _) in report.items()}, "tol": {k_: t for k_, (_, t) in report.items()}}
+        with open(os.environ["NSA_ERR_LOG"], "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return report
 
 
 def case_heads(group, shared):
@@ -180,8 +189,10 @@ GRID = [(l, g, c) for l in BLOCK_SIZES for g in GROUPS for c in (True, False)]
 @pytest.mark.parametrize("block_size,group,causal", GRID, ids=[f"bs{l}_g{g}_{'causal' if c else 'noncausal'}" for l, g, c in GRID])
 def test_grid_variant_interpreter(block_size, group, causal, dtype):
     H, K = case_heads(group, True)
-    compare_case(n=N_INTERP[block_size], H=H, K=K, d=64, block_size=block_size, kk=2, causal=causal, dtype=dtype,
-                 seed=block_size * 100 + group)
+    # l' = 128: causal needs n > 128 for an earlier block (one candidate); non-causal runs one partial block
+    n = N_INTERP[block_size] if (block_size < 128 or causal) else 100
+    compare_case(n=n, H=H, K=K, d=64, block_size=block_size, kk=1 if block_size == 128 else 2, causal=causal,
+                 dtype=dtype, seed=block_size * 100 + group)
 
 
 EXTRA = [
@@ -189,7 +200,7 @@ EXTRA = [
     (2, 4, 1, True, True, 64, 4, True, torch.int64),     # seed's l' = 2, G = 4
     (2, 2, 2, False, False, 64, 4, True, torch.int32),   # l' = 2 unshared, int32 indices
     (4, 16, 1, True, True, 64, 4, True, torch.int64),    # l' = 4, G = 16 (gathered tiles)
-    (4, 8, 4, False, False, 64, 3, True, torch.int64),   # l' = 4 unshared GQA
+    (4, 4, 2, False, False, 64, 3, True, torch.int64),   # l' = 4 unshared GQA
     (20, 4, 2, True, True, 64, 2, True, torch.int64),    # l' = 20 (masked 32-wide tile), packed
     (20, 16, 1, True, False, 64, 2, True, torch.int32),  # l' = 20, G = 16
     (16, 32, 1, True, True, 64, 2, True, torch.int64),   # G = 32 (on demand)
@@ -403,7 +414,7 @@ def test_torch_compile_fullgraph_matches_eager_gpu():
         o.backward(dout)
         outs.append([o.detach().clone()] + [t.grad.clone() for t in (args[0], args[1], args[2], args[5])])
     for e, c in zip(*outs):
-        torch.testing.assert_close(c, e, rtol=0, atol=0)
+        torch.testing.assert_close(c, e)  # atomics: dk, dv may differ in the last bits
 
 
 @gpu
