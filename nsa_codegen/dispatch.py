@@ -20,7 +20,8 @@ def selection_group(num_heads: int, num_kv_heads: int, selection_heads: int) -> 
 def select_specs(q, k, block_idx, *, block_size: int, causal: bool) -> tuple[VariantSpec, VariantSpec]:
     """(forward, backward) variants of selected attention for q (b, n, H, d), k (b, n, K, d) and
     block_idx (b, n, Hs, kk)."""
-    group = selection_group(q.shape[2], k.shape[2], block_idx.shape[2])
+    # head counts are structural: int() specializes symbolic sizes under torch.compile(dynamic=True)
+    group = selection_group(int(q.shape[2]), int(k.shape[2]), int(block_idx.shape[2]))
     return (
         VariantSpec("select_fwd", int(block_size), group, bool(causal)),
         VariantSpec("select_bwd", int(block_size), group, bool(causal)),

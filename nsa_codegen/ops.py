@@ -131,9 +131,9 @@ def _no_wrap(kernel):
 
 
 def _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, wrap, module=None, out=None, lse=None):
-    b, n, h, d = q.shape
-    kh = k.shape[2]
-    hs, kk = block_idx.shape[2], block_idx.shape[3]
+    b, n = q.shape[:2]
+    h, d, kh = int(q.shape[2]), int(q.shape[3]), int(k.shape[2])  # structural: specialize symbolic sizes
+    hs, kk = int(block_idx.shape[2]), int(block_idx.shape[3])
     if module is None:
         module = cache.load_variant(dispatch.select_specs(q, k, block_idx, block_size=block_size, causal=causal)[0])
     constexprs, launch = _config(module, d, q.dtype)
@@ -158,9 +158,9 @@ def _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, wrap
 
 def _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale, wrap, module=None,
          dq=None):
-    b, n, h, d = q.shape
-    kh = k.shape[2]
-    hs, kk = block_idx.shape[2], block_idx.shape[3]
+    b, n = q.shape[:2]
+    h, d, kh = int(q.shape[2]), int(q.shape[3]), int(k.shape[2])  # structural: specialize symbolic sizes
+    hs, kk = int(block_idx.shape[2]), int(block_idx.shape[3])
     if module is None:
         module = cache.load_variant(dispatch.select_specs(q, k, block_idx, block_size=block_size, causal=causal)[1])
     constexprs, launch = _config(module, d, q.dtype)

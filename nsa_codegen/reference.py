@@ -21,7 +21,6 @@ query row ``r`` sits at token position ``query_offset + r``. Decoding passes the
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
