@@ -354,3 +354,43 @@ def test_grad_rule_matches_definition():
         C = n // s
         visible = any((w + 1) * s - 1 < i for w in range(C) for i in range(n)) if causal else C > 0
         assert sees_compressed_block(n, s, causal) == visible
+
+
+# --------------------------------------------------------------------------------------------------
+# import weight and the CUDA path
+
+
+def test_import_is_light():
+    """`import nsa_codegen` loads neither Triton nor the kernel ops (they load on first CUDA use)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, nsa_codegen; loaded = [m for m in ('triton', 'nsa_codegen.ops') "
+            "if m in sys.modules]; assert not loaded, loaded")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("share", (True, False))
+def test_cuda_selected_branch_runs_triton(share):
+    """On CUDA with use_triton_kernel the selected branch is the generated op; the module output
+    stays close to the all-reference path (kernel numerics are tested with the kernels)."""
+    torch.manual_seed(0)
+    attn = SparseAttention(dim=256, dim_head=64, heads=8, kv_heads=2, causal=True,
+                           sliding_window_size=16, compress_block_size=16,
+                           compress_block_sliding_stride=8, selection_block_size=16,
+                           num_selected_blocks=4, query_heads_share_selected_kv=share).cuda()
+    x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
+    out = attn(x)
+    assert attn.last_paths["selected"] == "triton"
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    attn.use_triton_kernel = False
+    with torch.no_grad():
+        ref = attn(x)
+    assert attn.last_paths["selected"] == "reference"
+    torch.testing.assert_close(out.detach(), ref, atol=1e-2, rtol=1e-2)
