@@ -18,13 +18,16 @@ ROOT = Path(__file__).resolve().parent.parent
 OFF_GRID = VariantSpec("select_fwd", 24, 2, True)  # l' = 24 is outside the default grid
 
 
-def test_default_grid_is_100_unique_variants():
+def test_default_grid_is_100_select_plus_40_dense_unique_variants():
     specs = list(default_variants())
-    assert len(specs) == 100
-    assert len({s.name for s in specs}) == 100
-    assert len({s.key for s in specs}) == 100
-    assert {s.family for s in specs} == {"select_fwd", "select_bwd"}
-    assert {s.block_size for s in specs} == {8, 16, 32, 64, 128}
+    select = [s for s in specs if s.family.startswith("select")]
+    assert len(select) == 100 and len(specs) == 140
+    assert len({s.name for s in specs}) == 140
+    assert len({s.key for s in specs}) == 140
+    assert {s.family for s in specs} == {
+        "select_fwd", "select_bwd", "window_fwd", "window_bwd", "cmp_fwd", "cmp_bwd"}
+    assert {s.block_size for s in select} == {8, 16, 32, 64, 128}
+    assert {s.block_size for s in specs if s not in select} == {0}
     assert {s.group for s in specs} == {1, 2, 4, 8, 16}
 
 
@@ -54,7 +57,7 @@ def test_spec_rejects_bad_fields(kwargs, word):
 
 def test_generated_dir_is_fresh_and_generate_is_idempotent(tmp_path):
     first = render.generate(default_variants(), tmp_path)
-    assert first["total"] == 100 and len(first["changed"]) == 101  # 100 sources + manifest
+    assert first["total"] == 140 and len(first["changed"]) == 141  # 140 sources + manifest
     second = render.generate(default_variants(), tmp_path)
     assert second["changed"] == [] and second["removed"] == []
     # the committed generated/ equals a fresh render, byte for byte
