@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import numbers
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -224,7 +223,7 @@ class SparseAttention(nn.Module):
             ck, cv = self._compress(k, v)
             rq, rk = self.rotary_emb(q), self.rotary_emb(k)
             o_cmp, logits = self._compressed_branch(q, ck, cv)
-            o_slc = self._selected_branch(rq, rk, v, logits)
+            o_slc = self._selected_branch(rq, rk, v, q, ck, logits)
             o_swa = self._sliding_branch(rq, rk, v)
             branch_out = (o_cmp, o_slc, o_swa)
         out = self._combine(hx, *branch_out)
@@ -250,22 +249,41 @@ class SparseAttention(nn.Module):
                              f"expected {expected} in (b, C, kv_heads, dim_head) layout")
         return ck, cv
 
+    def _kernels(self, x: Tensor) -> bool:
+        """Generated Triton kernels run on CUDA tensors when `use_triton_kernel` (the default)."""
+        return bool(self.use_triton_kernel) and x.is_cuda
+
     def _compressed_branch(self, q: Tensor, ck: Tensor, cv: Tensor, query_offset: int = 0):
-        """Spec 2 over [memory; ck]: (out (b, n, H, d), logits (b, n, H, C), non-memory columns)."""
+        """Spec 2 over [memory; ck]: (out (b, n, H, d), logits (b, n, H, C) of the non-memory
+        columns — None on the kernel path, where the fused top-k kernel recomputes what it needs)."""
         ck_all, cv_all = reference.prepend_memory(ck, cv, self.compress_mem_kv)
+        if self._kernels(q):
+            from . import ops_compressed
+
+            self.last_paths["compressed"] = "triton"
+            return ops_compressed.compressed_attention(
+                q, ck_all, cv_all, num_mem=self.num_mem_compress_kv,
+                block_size=self.compress_block_size, stride=self.compress_block_sliding_stride,
+                causal=self.causal, scale=self.scale, query_offset=query_offset, return_logits=False)
         self.last_paths["compressed"] = "reference"
         return reference.compressed_attention(
             q, ck_all, cv_all, num_mem=self.num_mem_compress_kv,
             block_size=self.compress_block_size, stride=self.compress_block_sliding_stride,
             causal=self.causal, scale=self.scale, query_offset=query_offset)
 
-    def _select(self, logits: Tensor, seq_len: int, query_offset: int = 0):
-        """Spec 4: (block_idx, block_valid, values), each (b, n, Hs, kk); kk may be 0."""
-        b, n, _, C = logits.shape
+    def _select(self, q: Tensor, ck: Tensor, logits: Tensor | None, seq_len: int, query_offset: int = 0):
+        """Spec 4: (block_idx, block_valid, values), each (b, n, Hs, kk); kk may be 0.
+        q is unrotated, ck the compressed keys without memory rows (b, C, K, d)."""
+        b, n = q.shape[:2]
+        C = ck.shape[1]
         Hs = self.kv_heads if self.query_heads_share_selected_kv else self.heads
         if self.num_selected_blocks == 0 or C == 0:
-            idx = torch.zeros(b, n, Hs, 0, dtype=torch.long, device=logits.device)
-            return idx, idx.bool(), logits.new_zeros(b, n, Hs, 0)
+            idx = torch.zeros(b, n, Hs, 0, dtype=torch.long, device=q.device)
+            self.last_paths["topk"] = "none"
+            return idx, idx.bool(), q.new_zeros(b, n, Hs, 0, dtype=torch.float32)
+        if self._kernels(q):
+            return self._select_fused(q, ck, query_offset)
+        self.last_paths["topk"] = "reference"
         imp = reference.importance_scores(
             logits, groups=self.groups, share=self.query_heads_share_selected_kv,
             causal=self.causal, stride=self.compress_block_sliding_stride, query_offset=query_offset)
@@ -276,12 +294,28 @@ class SparseAttention(nn.Module):
             causal=self.causal, interpolated=self.interpolated_importance_score,
             query_offset=query_offset)
 
-    def _selected_branch(self, rq: Tensor, rk: Tensor, v: Tensor, logits: Tensor,
-                         query_offset: int = 0):
-        """Spec 4-5: block selection from the compressed logits, then selected attention.
-        `query_offset` > 0 only when decoding: the queries sit at positions offset + row."""
+    def _select_fused(self, q: Tensor, ck: Tensor, query_offset: int):
+        """The fused importance + top-k kernels (mappings (a), (b)); mapping (c) runs the reference
+        inside `ops_topk.select_topk` and is reported so in `last_paths`."""
+        from . import ops_topk
+
+        ck_all, _ = reference.prepend_memory(ck, ck[:, :0], self.compress_mem_kv)
+        kwargs = dict(num_mem=self.num_mem_compress_kv, compress_block_size=self.compress_block_size,
+                      stride=self.compress_block_sliding_stride,
+                      selection_block_size=self.selection_block_size,
+                      num_selected=self.num_selected_blocks, causal=self.causal,
+                      share=self.query_heads_share_selected_kv, scale=self.scale,
+                      interpolated=self.interpolated_importance_score, query_offset=query_offset)
+        route = ops_topk.select_topk_route(q, ck_all, **kwargs)
+        self.last_paths["topk"] = "triton" if route == "kernel" else "reference"
+        return ops_topk.select_topk(q, ck_all, **kwargs)
+
+    def _selected_branch(self, rq: Tensor, rk: Tensor, v: Tensor, q: Tensor, ck: Tensor,
+                         logits: Tensor | None, query_offset: int = 0):
+        """Spec 4-5: block selection (from the compressed logits, or fused from q and ck on the
+        kernel path), then selected attention. `query_offset` > 0 only when decoding."""
         b, n = rq.shape[:2]
-        idx, valid, values = self._select(logits, query_offset + n, query_offset)
+        idx, valid, values = self._select(q, ck, logits, query_offset + n, query_offset)
         gates = None
         if idx.shape[-1] == 0:
             if not self.causal:  # 5b: block-diagonal; causal gets its own block from the op
@@ -300,18 +334,21 @@ class SparseAttention(nn.Module):
 
     def _selected_attention_impl(self, x: Tensor):
         """The generated Triton op on CUDA when enabled, else the reference. Imported lazily."""
-        if self.use_triton_kernel and x.is_cuda:
-            try:
-                from . import ops
-            except ImportError as error:  # a CUDA box without triton / ops: say so, stay correct
-                warnings.warn(f"nsa_codegen.ops unavailable ({error}); selected attention runs "
-                              f"the PyTorch reference", RuntimeWarning, stacklevel=3)
-            else:
-                return ops.selected_attention, "triton"
+        if self._kernels(x):
+            from . import ops
+
+            return ops.selected_attention, "triton"
         return reference.selected_attention, "reference"
 
     def _sliding_branch(self, rq: Tensor, rk: Tensor, v: Tensor, query_offset: int = 0):
         """Spec 6."""
+        if self._kernels(rq):
+            from . import ops_window
+
+            self.last_paths["sliding"] = "triton"
+            return ops_window.sliding_window_attention(
+                rq, rk, v, window=self.sliding_window_size, causal=self.causal, scale=self.scale,
+                query_offset=query_offset)
         self.last_paths["sliding"] = "reference"
         return reference.sliding_window_attention(
             rq, rk, v, window=self.sliding_window_size, causal=self.causal, scale=self.scale,
@@ -367,7 +404,7 @@ class SparseAttention(nn.Module):
 
         rq, rk = self.rotary_emb(q, offset=t), self.rotary_emb(k, offset=t)
         keys, values = torch.cat((cache.k, rk), dim=1), torch.cat((cache.v, v), dim=1)
-        o_slc = self._selected_branch(rq, keys, values, logits, query_offset=t)
+        o_slc = self._selected_branch(rq, keys, values, q, cache.ck, logits, query_offset=t)
         o_swa = self._sliding_branch(rq, keys, values, query_offset=t)
 
         out = self._combine(hx, o_cmp, o_slc, o_swa)
