@@ -152,8 +152,8 @@ def test_last_paths_cpu_is_reference():
                            compress_block_size=4, selection_block_size=4, num_selected_blocks=2,
                            use_triton_kernel=True, causal=True)
     attn(torch.randn(1, 20, 64))
-    assert attn.last_paths == {"compressed": "reference", "selected": "reference",
-                               "sliding": "reference"}
+    assert {"compressed", "selected", "sliding"} <= attn.last_paths.keys()
+    assert set(attn.last_paths.values()) == {"reference"}, attn.last_paths
 
 
 # --------------------------------------------------------------------------------------------------
