@@ -26,3 +26,10 @@ def select_specs(q, k, block_idx, *, block_size: int, causal: bool) -> tuple[Var
         VariantSpec("select_fwd", int(block_size), group, bool(causal)),
         VariantSpec("select_bwd", int(block_size), group, bool(causal)),
     )
+
+
+def head_group(q, kv) -> int:
+    """G = H // K for q (b, n, H, d) and k / ck (b, *, K, d), as a Python int: head counts are
+    structural (they pick the variant), so int() specializes symbolic sizes under
+    torch.compile(dynamic=True) instead of handing a SymInt to VariantSpec."""
+    return int(q.shape[2]) // int(kv.shape[2])

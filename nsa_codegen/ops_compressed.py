@@ -33,6 +33,7 @@ from .ops_window import (
     check_scale,
     launch_config,
 )
+from .dispatch import head_group
 from .spec import VariantSpec
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_of
 
 def variant_specs(q, ck, causal: bool) -> tuple[VariantSpec, VariantSpec]:
     """(forward, backward) variants from metadata only."""
-    group = q.shape[2] // ck.shape[2]
+    group = head_group(q, ck)
     return VariantSpec("cmp_fwd", 0, group, bool(causal)), VariantSpec("cmp_bwd", 0, group, bool(causal))
 
 

@@ -34,6 +34,7 @@ import torch
 import triton
 
 from . import cache
+from .dispatch import head_group
 from .spec import VariantSpec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -147,7 +148,7 @@ def _check_kernel_mapping(info: dict) -> None:
 
 def specs_for(q, ck, *, selection_block_size: int, causal: bool, share: bool) -> tuple[VariantSpec, VariantSpec]:
     """(forward, backward) variants from metadata: group = G when the group shares its selection, else 1."""
-    group = q.shape[2] // ck.shape[2] if share else 1
+    group = head_group(q, ck) if share else 1
     return (
         VariantSpec("topk_fwd", int(selection_block_size), group, bool(causal)),
         VariantSpec("topk_bwd", int(selection_block_size), group, bool(causal)),

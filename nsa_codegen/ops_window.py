@@ -25,6 +25,7 @@ import torch
 import triton
 
 from . import cache
+from .dispatch import head_group
 from .spec import VariantSpec
 
 HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 16, 256, 8
@@ -108,7 +109,7 @@ def check_launch(q, k) -> None:
             f"the Triton launchers need CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}; "
             "use the public function, which runs the reference on CPU"
         )
-    group = q.shape[2] // k.shape[2]
+    group = head_group(q, k)
     if group > MAX_GROUP:
         raise ValueError(f"G = H // K = {group} query heads per kv head: the kernels support G <= {MAX_GROUP}")
 
@@ -156,7 +157,7 @@ def alloc_output(shape, device, dtype) -> torch.Tensor:
 
 def variant_specs(q, k, causal: bool) -> tuple[VariantSpec, VariantSpec]:
     """(forward, backward) variants from metadata only."""
-    group = q.shape[2] // k.shape[2]
+    group = head_group(q, k)
     return VariantSpec("window_fwd", 0, group, bool(causal)), VariantSpec("window_bwd", 0, group, bool(causal))
 
 

@@ -43,10 +43,11 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen).to(p.device)  # CPU generator: same on any device
             if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1 + 0.1 * noise)
             elif "rotary" not in name:
-                p.copy_(p + 0.05 * torch.randn(p.shape, generator=gen))
+                p.copy_(p + 0.05 * noise)
 
 
 def _run(module, x, use_kernels: bool):
