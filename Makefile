@@ -29,7 +29,7 @@ run: generate
 demo: run
 
 test: install
-	$(PY) -m pytest -n $(JOBS) -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(JOBS) -q
 
 # On a CUDA machine (the H200): the GPU lane.
 test-gpu:
