@@ -9,10 +9,13 @@ JOBS ?= 2
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+# Pinned dependencies first, then the package itself (editable, no deps): passing the pins as `-c`
+# to the editable install also constrains pip's isolated build environment, which breaks the build.
+$(VENV)/.installed: pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints-cpu.txt -e '.[test]'
+	$(PIP) install -q -r requirements-cpu.txt
+	$(PIP) install -q --no-deps -e .
 	touch $@
 
 generate: install
