@@ -185,13 +185,14 @@ GRID = [(l, g, c) for l in BLOCK_SIZES for g in GROUPS for c in (True, False)]
 
 
 @interp
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("block_size,group,causal", GRID, ids=[f"bs{l}_g{g}_{'causal' if c else 'noncausal'}" for l, g, c in GRID])
-def test_grid_variant_interpreter(block_size, group, causal, dtype):
+def test_grid_variant_interpreter(block_size, group, causal, dtype, d):
     H, K = case_heads(group, True)
     # l' = 128: causal needs n > 128 for an earlier block (one candidate); non-causal runs one partial block
     n = N_INTERP[block_size] if (block_size < 128 or causal) else 100
-    compare_case(n=n, H=H, K=K, d=64, block_size=block_size, kk=1 if block_size == 128 else 2, causal=causal,
+    compare_case(n=n, H=H, K=K, d=d, block_size=block_size, kk=1 if block_size == 128 else 2, causal=causal,
                  dtype=dtype, seed=block_size * 100 + group)
 
 
@@ -214,13 +215,21 @@ EXTRA = [
 ]
 
 
+def _extra_id(c) -> str:
+    return (f"bs{c[0]}_H{c[1]}_K{c[2]}_{'shared' if c[3] else 'unshared'}_{'causal' if c[4] else 'noncausal'}"
+            f"_kk{c[6]}{'' if c[7] else '_nogates'}_{str(c[8])[6:]}")
+
+
+# every extra case at its own head dim and at 128 (issue 3: head dims 64 and 128 in each lane)
+EXTRA_RUNS = [(c, d) for c in EXTRA for d in sorted({c[5], 128})]
+EXTRA_RUN_IDS = [f"{_extra_id(c)}_d{d}" for c, d in EXTRA_RUNS]
+
+
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", EXTRA, ids=[f"bs{c[0]}_H{c[1]}_K{c[2]}_{'shared' if c[3] else 'unshared'}_"
-                                              f"{'causal' if c[4] else 'noncausal'}_d{c[5]}_kk{c[6]}"
-                                              f"{'' if c[7] else '_nogates'}_{str(c[8])[6:]}" for c in EXTRA])
-def test_extra_variant_interpreter(case, dtype):
-    block_size, H, K, shared, causal, d, kk, gates, idx_dtype = case
+@pytest.mark.parametrize("case,d", EXTRA_RUNS, ids=EXTRA_RUN_IDS)
+def test_extra_variant_interpreter(case, d, dtype):
+    block_size, H, K, shared, causal, _, kk, gates, idx_dtype = case
     compare_case(n=N_INTERP.get(block_size, 45), H=H, K=K, d=d, block_size=block_size, kk=kk, causal=causal,
                  dtype=dtype, shared=shared, gates=gates, idx_dtype=idx_dtype, seed=7 + block_size)
 
