@@ -35,6 +35,7 @@ import triton
 
 from . import cache
 from .dispatch import head_group
+from .reference import selection_mapping  # one rule for (a)/(b)/(c), shared with the oracle
 from .spec import VariantSpec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,15 +55,6 @@ def _pow2(x: int) -> int:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def selection_mapping(stride: int, selection_block_size: int, interpolated: bool) -> str:
-    """'a', 'b' or 'c' (spec 4.4), the same rule as reference.selection_mapping."""
-    if selection_block_size == stride:
-        return "a"
-    if selection_block_size > stride and selection_block_size % stride == 0 and not interpolated:
-        return "b"
-    return "c"
 
 
 # ----------------------------------------------------------------------------------------------------
