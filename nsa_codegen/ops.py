@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import triton
 
-from . import cache, dispatch
+from . import cache, dispatch, tuning
 
 HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 16, 256, 8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,8 +122,23 @@ def _pick_config(module, block_d: int, dtype_bytes: int) -> tuple[dict, dict]:
     return {"BLOCK_N": chosen["BLOCK_N"]}, {"num_warps": chosen["num_warps"], "num_stages": chosen["num_stages"]}
 
 
-def _config(module, d: int, dtype: torch.dtype) -> tuple[dict, dict]:
-    return _pick_config(module, _pow2(max(16, d)), torch.finfo(dtype).bits // 8)
+def _config(module, d: int, dtype: torch.dtype, fwd_args: Optional[tuple] = None) -> tuple[dict, dict]:
+    """(constexprs, launch options). Without `fwd_args` (the backward): `_pick_config`. With `fwd_args` =
+    `_fwd`'s (q, k, v, block_idx, block_valid, gates, block_size, causal, scale): the tuned config of
+    `nsa_codegen.tuning` (in-process dict, then the persisted table, else a benchmark of the fitting
+    configs on a CUDA call; NSA_CODEGEN_TUNE=0: `_pick_config`)."""
+    if fwd_args is None:
+        return _pick_config(module, _pow2(max(16, d)), torch.finfo(dtype).bits // 8)
+    q = fwd_args[0]
+    scratch = []
+
+    def run(config):  # one launch with `config` into scratch out/lse: the caller's tensors stay untouched
+        if not scratch:
+            scratch.extend((torch.empty_like(q), torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)))
+        with tuning.forced(config):
+            _fwd(*fwd_args, _no_wrap, module, *scratch)
+
+    return tuning.forward_config(module, d, dtype, q.shape[1], q, run)
 
 
 def _no_wrap(kernel):
@@ -136,7 +151,8 @@ def _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, wrap
     hs, kk = int(block_idx.shape[2]), int(block_idx.shape[3])
     if module is None:
         module = cache.load_variant(dispatch.select_specs(q, k, block_idx, block_size=block_size, causal=causal)[0])
-    constexprs, launch = _config(module, d, q.dtype)
+    constexprs, launch = _config(module, d, q.dtype,
+                                 (q, k, v, block_idx, block_valid, gates, block_size, causal, scale))
     if out is None:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if lse is None:
@@ -156,6 +172,67 @@ def _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, wrap
     return out, lse
 
 
+def dkv_schedule(block_idx, block_valid, n: int, block_size: int, causal: bool, segment: int):
+    """Invert the selection for the key-major dkv kernel, on the device, without a host sync.
+
+    Returns (entries, segments): entries (b * Hs, n * kk) int32 holds token * kk + slot of every valid
+    selection, grouped by key block (invalid ones last); segments (b * Hs, S, 4) int32 rows are
+    (key block or -1, first entry, end entry, 1 if the first segment of its block). A block's entries
+    are cut into ceil(count / segment) segments; when causal every block gets at least one (its
+    own-block queries). S = ceil(n * kk / segment) + number of blocks bounds the count from metadata.
+    """
+    b, _, hs, kk = block_idx.shape
+    bh = b * hs
+    num_blocks = -(-n // block_size)
+    dev = block_idx.device
+    blk = block_idx.permute(0, 2, 1, 3).reshape(bh, n * kk)
+    ok = block_valid.permute(0, 2, 1, 3).reshape(bh, n * kk) & (blk >= 0) & (blk < num_blocks)
+    key = torch.where(ok, blk, num_blocks).to(torch.int64)  # invalid -> sentinel bucket, sorted last
+    entries = torch.argsort(key, dim=1).to(torch.int32)
+    counts = torch.zeros((bh, num_blocks + 1), device=dev, dtype=torch.int64)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    counts = counts[:, :num_blocks]
+    entry_end = counts.cumsum(1)
+    entry_start = entry_end - counts
+    nseg = (counts + segment - 1) // segment
+    if causal:
+        nseg = nseg.clamp(min=1)
+    seg_end = nseg.cumsum(1)  # (bh, blocks) inclusive prefix: segments of blocks 0..j
+    seg_total = -(-(n * kk) // segment) + num_blocks
+    sid = torch.arange(seg_total, device=dev, dtype=torch.int64).expand(bh, seg_total).contiguous()
+    owner = torch.searchsorted(seg_end, sid, right=True)  # block owning segment sid (num_blocks: none)
+    live = owner < num_blocks
+    owner = owner.clamp(max=num_blocks - 1)
+    j = sid - (seg_end.gather(1, owner) - nseg.gather(1, owner))  # segment index within its block
+    first = entry_start.gather(1, owner) + j * segment
+    end = torch.minimum(first + segment, entry_end.gather(1, owner))
+    segments = torch.stack([torch.where(live, owner, -1), first, end, (j == 0).to(torch.int64)], -1)
+    return entries, segments.to(torch.int32).contiguous()
+
+
+# dkv kernel launch parameters by padded head dim: its fp32 dk, dv accumulators (2 x 64 keys x d) want 8
+# warps from d = 128 up
+DKV_LAUNCH = {16: dict(num_warps=4, num_stages=1), 32: dict(num_warps=4, num_stages=1),
+              64: dict(num_warps=4, num_stages=1), 128: dict(num_warps=8, num_stages=1),
+              256: dict(num_warps=8, num_stages=1)}
+
+
+def _launch_dkv(module, wrap, q, k, v, g, g_strides, has_gates, dout, lse, delta, dk, dv, entries, segments, hs, kk,
+                scale, num_warps, num_stages):
+    """dk, dv (fp32, zeroed) += the key-major backward over the inverted selection `dkv_schedule` made."""
+    b, n, h, d = (int(x) for x in q.shape)
+    grid = (segments.shape[1], module.DKV_KEY_TILES, b * hs)
+    wrap(module.dkv_kernel)[grid](
+        q, k, v, g, dout, lse, delta, dk, dv, entries, segments,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g_strides,
+        *dout.stride()[:3], *lse.stride(), *dk.stride()[:3], *dv.stride()[:3],
+        entries.stride(0), segments.stride(0),
+        n, hs, h // int(k.shape[2]), kk, float(scale),
+        HEAD_DIM=d, BLOCK_D=_pow2(max(16, d)), HAS_GATES=has_gates,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
 def _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale, wrap, module=None,
          dq=None):
     b, n = q.shape[:2]
@@ -164,11 +241,13 @@ def _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, cau
     if module is None:
         module = cache.load_variant(dispatch.select_specs(q, k, block_idx, block_size=block_size, causal=causal)[1])
     constexprs, launch = _config(module, d, q.dtype)
+    block_d = _pow2(max(16, d))
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)  # (b, n, H), same layout as lse
-    if delta.stride() != lse.stride():
-        delta = delta.as_strided(lse.shape, lse.stride()).copy_(delta)
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    # delta = rowsum(dout * out): written by the dq kernel, read by the dkv kernel
+    delta = torch.empty_strided(lse.shape, lse.stride(), device=lse.device, dtype=torch.float32)
     if dq is None:
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
@@ -180,17 +259,22 @@ def _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, cau
         dg = torch.empty((0,), device=q.device, dtype=torch.float32)
         g, g_strides = block_idx, (0, 0, 0, 0)
     dg_strides = dg.stride() if gates is not None else (0, 0, 0, 0)
+    # query-major: dq and d(gates)
     grid = (triton.cdiv(n, module.TOKENS_PER_PROGRAM), b * hs)
     wrap(module.kernel)[grid](
-        q, k, v, block_idx, block_valid, g, dout, lse, delta, dq, dk, dv, dg,
+        q, k, v, block_idx, block_valid, g, dout, out, lse, delta, dq, dg,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *block_idx.stride(), *block_valid.stride(), *g_strides,
-        *dout.stride()[:3], *lse.stride(),
-        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *dg_strides,
+        *dout.stride()[:3], *out.stride()[:3], *lse.stride(),
+        *dq.stride()[:3], *dg_strides,
         n, hs, h // kh, kk, float(scale),
-        HEAD_DIM=d, BLOCK_D=_pow2(max(16, d)), KK_PAD=max(2, _pow2(kk)), HAS_GATES=gates is not None,
+        HEAD_DIM=d, BLOCK_D=block_d, KK_PAD=max(2, _pow2(kk)), HAS_GATES=gates is not None,
         **constexprs, **launch,
     )
+    # key-major: dk and dv over the inverted selection
+    entries, segments = dkv_schedule(block_idx, block_valid, n, block_size, causal, module.DKV_SEGMENT)
+    _launch_dkv(module, wrap, q, k, v, g, g_strides, gates is not None, dout, lse, delta, dk, dv, entries, segments,
+                hs, kk, scale, **DKV_LAUNCH.get(block_d, DKV_LAUNCH[128]))
     dgates = dg.to(gates.dtype) if gates is not None else dg
     return dq, dk.to(k.dtype), dv.to(v.dtype), dgates
 

@@ -99,16 +99,19 @@ def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     lse = lse.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)  # (b, n_q, H), contiguous like lse
+    # delta0 = rowsum(dO * O) from the 16-bit output: only the starting point. dq_kernel (first) computes
+    # the exact delta = sum_j P dP into `delta` and corrects dq; dkdv_kernel reads it (see cmp_bwd.py.j2).
+    delta0 = (dout.float() * out.float()).sum(-1).contiguous()  # (b, n_q, H), the strides of lse
+    delta = torch.empty(lse.shape, device=lse.device, dtype=torch.float32)
     common = (*q.stride()[:3], *ck.stride()[:3], *cv.stride()[:3], *dout.stride()[:3], *lse.stride())
     scalars = (nq, nkv, int(query_offset), kh, int(num_mem), int(stride), float(scale))
     tokens = constexprs["BLOCK_M"] // module.GROUP
-    wrap(module.dkdv_kernel)[(triton.cdiv(nkv, constexprs["BLOCK_N"]), b * kh)](
-        q, ck, cv, dout, lse, delta, dck, dcv, *common, *dck.stride()[:3], *dcv.stride()[:3], *scalars,
+    wrap(module.dq_kernel)[(triton.cdiv(nq, tokens), b * kh)](
+        q, ck, cv, dout, lse, delta0, dq, delta, *common, *dq.stride()[:3], *scalars,
         **constexprs, **launch,
     )
-    wrap(module.dq_kernel)[(triton.cdiv(nq, tokens), b * kh)](
-        q, ck, cv, dout, lse, delta, dq, *common, *dq.stride()[:3], *scalars,
+    wrap(module.dkdv_kernel)[(triton.cdiv(nkv, constexprs["BLOCK_N"]), b * kh)](
+        q, ck, cv, dout, lse, delta, dck, dcv, *common, *dck.stride()[:3], *dcv.stride()[:3], *scalars,
         **constexprs, **launch,
     )
     return dq, dck, dcv

@@ -383,6 +383,14 @@ def _reference_backward(q, ck, block_idx, grad_values, info, selection_block_siz
 # torch.library: nsa::select_topk (+ its backward op)
 
 
+# The op returns (values fp32, lse fp32, block_idx int32, block_valid bool): floating outputs first. Not
+# cosmetic: torch.library.opcheck's test_aot_dispatch_dynamic sums the outputs as `sm = 0; sm += o.sum()`,
+# so an integer first output makes `sm` a Long tensor and the in-place add of the float sum then raises
+# "result type Float can't be cast to the desired output type Long" (torch 2.11 and 2.13; reproduced on
+# CPU). The public select_topk keeps the (block_idx, block_valid, values) order of the reference.
+OP_OUTPUTS = ("values", "lse", "block_idx", "block_valid")
+
+
 @torch.library.triton_op("nsa::select_topk", mutates_args=())
 def _select_topk_op(
     q: torch.Tensor, ck: torch.Tensor, num_mem: int, compress_block_size: int, stride: int,
@@ -393,7 +401,9 @@ def _select_topk_op(
     info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
                         share, scale, False, query_offset)
     _check_kernel_mapping(info)
-    return _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset, wrap_triton)
+    idx, valid, val, lse = _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset,
+                                wrap_triton)
+    return val, lse, idx, valid  # float outputs first: see OP_OUTPUTS
 
 
 @torch.library.triton_op("nsa::select_topk_backward", mutates_args=())
@@ -422,7 +432,7 @@ def _select_topk_cpu(q, ck, num_mem, compress_block_size, stride, selection_bloc
             selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
             scale=scale, query_offset=query_offset)
         lse = _reference_lse(q, ck, info, selection_block_size, causal, scale, query_offset)
-    return idx.to(torch.int32).contiguous(), valid.contiguous(), val.float().contiguous(), lse
+    return val.float().contiguous(), lse, idx.to(torch.int32).contiguous(), valid.contiguous()
 
 
 @_select_topk_bwd_op.register_kernel("cpu")
@@ -440,14 +450,14 @@ def _select_topk_bwd_cpu(q, ck, block_idx, values, lse, grad_values, num_mem, co
 def _setup_context(ctx, inputs, output):
     (q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share, scale,
      query_offset) = inputs
-    idx, valid, val, lse = output
+    val, lse, idx, valid = output
     ctx.save_for_backward(q, ck, idx, val, lse)
     ctx.args = (num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share, scale,
                 query_offset)
     ctx.mark_non_differentiable(idx, valid, lse)
 
 
-def _backward(ctx, d_idx, d_valid, d_val, d_lse):
+def _backward(ctx, d_val, d_lse, d_idx, d_valid):
     q, ck, idx, val, lse = ctx.saved_tensors
     if d_val is None:
         d_val = torch.zeros_like(val)
@@ -491,6 +501,6 @@ def select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_
             selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
             scale=scale, interpolated=interpolated, query_offset=query_offset)
         return idx.to(torch.int32), valid, val
-    idx, valid, val, _ = torch.ops.nsa.select_topk(q, ck, num_mem, compress_block_size, stride, selection_block_size,
+    val, _, idx, valid = torch.ops.nsa.select_topk(q, ck, num_mem, compress_block_size, stride, selection_block_size,
                                                     num_selected, causal, share, float(scale), query_offset)
     return idx, valid, val

@@ -172,6 +172,31 @@ def test_cmp_query_offset():
 
 
 @interpreter
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("group", [1, 4])
+def test_cmp_backward_uses_exact_delta(group, causal):
+    """The backward computes delta_i = sum_j P_ij dP_ij itself (the saved output only seeds it): given an
+    output off by 1% (as a 16-bit O is off by up to 2^-9), the fp32 gradients still equal the reference's
+    to 1e-4, and sum_j dck_j = 0 (adding one vector to every key row leaves the softmax unchanged). With
+    FlashAttention's delta = rowsum(dO * O) the rows of dck sum to -scale * sum_i (delta err)_i q_i instead,
+    which the compression MLP's bias gradient and the memory rows accumulate (issue 4, H200)."""
+    b, n, K, d, M, s = 2, 77, 2, 32, 1, 4
+    H = group * K
+    q, ck, cv, dout = make_inputs(b, n, M + n // s, H, K, d, torch.float32, "cpu", 300 + group)
+    kw = dict(num_mem=M, block_size=s, stride=s, causal=causal, scale=d ** -0.5)
+    cfg = config_for(group, 16 * group)
+    out, lse = ops_compressed.compressed_attention_fwd_launch(q, ck, cv, config=cfg, **kw)
+    wrong = out * (1 + 0.01 * torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    dq, dck, dcv = ops_compressed.compressed_attention_bwd_launch(q, ck, cv, wrong, lse, dout, config=cfg, **kw)
+    _, rq, rk, rv = reference_grads(q, ck, cv, dout, torch.float32, **kw)
+    for name, got, ref in (("dq", dq, rq), ("dck", dck, rk), ("dcv", dcv, rv)):
+        assert_close(name, got, ref, ref, torch.float32)
+    row_sum = dck.sum(1).abs().max().item()
+    assert row_sum <= 1e-5 * dck.abs().sum(1).max().item(), row_sum
+
+
+@interpreter
 def test_cmp_op_cpu_path_is_the_reference():
     q, ck, cv, dout = make_inputs(1, 20, 1 + 10, 4, 2, 16, torch.float32, "cpu", 3)
     q, ck, cv = (t.detach().requires_grad_() for t in (q, ck, cv))

@@ -3,9 +3,20 @@
 Numerics rule of design.md, for the output and every parameter/input gradient:
     max|cuda_kernels(lowp) - ref32| <= 2 * max|ref_lowp - ref32| + floor
 where ref32 is the fp32 reference and ref_lowp the same reference computed in the kernels' dtype on
-the same device (use_triton_kernel=False). Block selection is discrete: a near-tie can select a
-different block in low precision, which both low-precision paths suffer alike, so the rule compares
-against the low-precision reference's own error rather than a fixed tolerance.
+the same device (use_triton_kernel=False), with two refinements, both measured (issue 4):
+
+- Block selection is discrete. The fused top-k kernel scores in fp32 from the low-precision q and ck,
+  the low-precision reference scores in low precision: at a near-tie the two low-precision paths can pick
+  different blocks, and one of them then differs from ref32 by a whole block's contribution (H200, fp16,
+  causal, diff-topk, unshared, l' = 8: output 0.11 against ref_lowp's 0.037). So the kernel run's
+  selection is recorded; where its valid blocks differ from ref32's, the test first checks that every
+  differing row is a near-tie (each block the kernel picked has a ref32 probability within
+  2 * max|p_lowp - p32| of ref32's k-th largest), then reruns ref32 and ref_lowp on the kernel's own
+  selection (the reference's own probabilities at those blocks) and applies the rule to those.
+- Gradients are stored in the low-precision dtype (parameters and input), so the kernel and the reference
+  both end on a bf16/fp16 rounding of the same sum: one unit in the last place of that dtype at the
+  element's magnitude is allowed on top, elementwise (bf16 compress_mem_kv: the kernel differs from ref_lowp by exactly
+  one ulp, 4.9e-4 at |g| = 0.067: 1.9 ulp from ref32 against ref_lowp's 0.9 ulp).
 """
 from __future__ import annotations
 
@@ -17,7 +28,7 @@ import random
 import pytest
 import torch
 
-from nsa_codegen import SparseAttention
+from nsa_codegen import SparseAttention, reference
 
 pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -50,40 +61,137 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(p + 0.05 * noise)
 
 
-def _run(module, x, use_kernels: bool):
+class _SelectionProbe:
+    """Stands in for `module._select` during one forward: records the selection (block_idx, block_valid);
+    on the reference path also the dense probabilities of every candidate (b, n, Hs, U). With `force`
+    ((block_idx, block_valid) of another run), returns those blocks with *this* run's own probabilities
+    at them (so use_diff_topk gradients flow exactly as the reference computes them)."""
+
+    def __init__(self, module, force=None):
+        self.module, self.force = module, force
+        self.selection = self.p_full = None
+
+    def __call__(self, q, ck, logits, seq_len, query_offset=0):
+        m = self.module
+        idx, valid, values = type(m)._select(m, q, ck, logits, seq_len, query_offset)
+        if idx.shape[-1] and logits is not None:  # reference path: every candidate's probability
+            imp = reference.importance_scores(
+                logits, groups=m.groups, share=m.query_heads_share_selected_kv, causal=m.causal,
+                stride=m.compress_block_sliding_stride, query_offset=query_offset)
+            U = reference.num_candidates(seq_len, ck.shape[1], m.compress_block_sliding_stride,
+                                         m.selection_block_size, m.interpolated_importance_score)
+            all_idx, _, all_val = reference.select_blocks(
+                imp, seq_len=seq_len, stride=m.compress_block_sliding_stride,
+                compress_block_size=m.compress_block_size, selection_block_size=m.selection_block_size,
+                num_selected=U, causal=m.causal, interpolated=m.interpolated_importance_score,
+                query_offset=query_offset)
+            self.p_full = torch.zeros_like(all_val).scatter(-1, all_idx, all_val)
+            if self.force is not None:
+                f_idx, f_valid = (t.to(idx.device) for t in self.force)
+                idx, valid = f_idx.long(), f_valid
+                values = self.p_full.gather(-1, idx)
+        self.selection = (idx.detach().long().cpu(), valid.detach().cpu())
+        return idx, valid, values
+
+
+def _run(module, x, use_kernels: bool, force=None):
     module.use_triton_kernel = use_kernels
-    x = x.detach().clone().requires_grad_(True)
-    out = module(x)
-    grad_out = torch.ones_like(out) / out.numel() ** 0.5  # deterministic across devices
-    out.backward(grad_out)
+    probe = module._select = _SelectionProbe(module, force)
+    try:
+        x = x.detach().clone().requires_grad_(True)
+        out = module(x)
+        grad_out = torch.ones_like(out) / out.numel() ** 0.5  # deterministic across devices
+        out.backward(grad_out)
+    finally:
+        del module._select
     grads = {name: p.grad.detach().float().cpu() for name, p in module.named_parameters() if p.grad is not None}
     grads["input"] = x.grad.detach().float().cpu()
-    return out.detach().float().cpu(), grads, dict(getattr(module, "last_paths", {}))
+    paths = dict(getattr(module, "last_paths", {}))
+    paths["_probe"] = probe
+    return out.detach().float().cpu(), grads, paths
 
 
-def _check_rule(label, kernel, ref_lowp, ref32, floor=1e-5):
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` at |x| (its smallest normal spacing below the normal range)."""
+    fi = torch.finfo(dtype)
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(fi.tiny)))) * fi.eps
+
+
+def _check_rule(label, kernel, ref_lowp, ref32, floor=1e-5, ulp_dtype=None):
     err_kernel = (kernel - ref32).abs().max().item()
     err_lowp = (ref_lowp - ref32).abs().max().item()
-    assert err_kernel <= 2 * err_lowp + floor, (
+    bound = 2 * err_lowp + floor
+    if ulp_dtype is not None:  # elementwise: one ulp of the stored low-precision result on top
+        excess = ((kernel - ref32).abs() - _ulp(ref32, ulp_dtype)).max().item()
+        assert excess <= bound, (
+            f"{label}: |kernel - ref32| - ulp = {excess:.3e} (max |kernel - ref32| = {err_kernel:.3e}) > "
+            f"2 * |ref_lowp - ref32| ({err_lowp:.3e}) + {floor}")
+        return
+    assert err_kernel <= bound, (
         f"{label}: |kernel - ref32| = {err_kernel:.3e} > 2 * |ref_lowp - ref32| ({err_lowp:.3e}) + {floor}")
 
 
-def _compare(attn_cpu, x, dtype):
-    out32, grads32, _ = _run(attn_cpu, x, use_kernels=False)
-    cuda_module = copy.deepcopy(attn_cpu).cuda().to(dtype)
-    xl = x.cuda().to(dtype)
-    for p in cuda_module.parameters():
+def _valid_sets(selection):
+    """(b, n, Hs, kk) -> the sorted valid block indices per row (invalid entries as -1)."""
+    idx, valid = selection
+    return torch.where(valid, idx, torch.full_like(idx, -1)).sort(-1).values
+
+
+def _selection_flips(probe_k, probe_32, probe_l):
+    """Rows where the kernel's valid blocks differ from ref32's; asserts each one is a near-tie.
+    Returns the number of differing rows."""
+    if probe_k.selection is None or probe_32.selection is None or probe_k.selection[0].shape[-1] == 0:
+        return 0
+    sk, s32 = _valid_sets(probe_k.selection), _valid_sets(probe_32.selection)
+    assert sk.shape == s32.shape, (sk.shape, s32.shape)
+    rows = (sk != s32).any(-1)
+    if not rows.any():
+        return 0
+    p32 = probe_32.p_full.detach().float().cpu()
+    pl = probe_l.p_full.detach().float().cpu()
+    tol = 2 * (pl - p32).abs().max().item() + 1e-6
+    kth = p32.topk(sk.shape[-1], dim=-1).values[..., -1:]  # ref32's k-th largest probability
+    idx_k, valid_k = probe_k.selection
+    p_at_k = p32.gather(-1, idx_k.clamp(0, p32.shape[-1] - 1))
+    short = torch.where(valid_k, kth - p_at_k, torch.zeros_like(p_at_k))[rows]
+    assert short.max().item() <= tol, (
+        f"selection differs from ref32 in {int(rows.sum())} rows and not by a near-tie: a chosen block's "
+        f"ref32 probability is {short.max().item():.3e} below the k-th largest (tolerance {tol:.3e})")
+    return int(rows.sum())
+
+
+def _compare_runs(ref32_module, ref32_x, low_module, low_x, dtype):
+    """Runs ref32, ref_lowp and the kernels, handles selection flips, applies the rule; returns paths."""
+    out32, grads32, paths32 = _run(ref32_module, ref32_x, use_kernels=False)
+    for p in low_module.parameters():
         p.grad = None
-    out_l, grads_l, paths_ref = _run(cuda_module, xl, use_kernels=False)
-    for p in cuda_module.parameters():
+    out_l, grads_l, paths_l = _run(low_module, low_x, use_kernels=False)
+    for p in low_module.parameters():
         p.grad = None
-    out_k, grads_k, paths = _run(cuda_module, xl, use_kernels=True)
+    out_k, grads_k, paths = _run(low_module, low_x, use_kernels=True)
+    probe_k = paths.pop("_probe")
     assert "triton" in paths.values(), f"no branch ran on generated kernels: {paths}"
+    flips = _selection_flips(probe_k, paths32["_probe"], paths_l["_probe"])
+    if flips:  # near-tie: compare against both references run on the kernel's own selection
+        for p in ref32_module.parameters():
+            p.grad = None
+        out32, grads32, _ = _run(ref32_module, ref32_x, use_kernels=False, force=probe_k.selection)
+        for p in low_module.parameters():
+            p.grad = None
+        out_l, grads_l, _ = _run(low_module, low_x, use_kernels=False, force=probe_k.selection)
     _check_rule("output", out_k, out_l, out32)
     assert grads_k.keys() == grads32.keys() == grads_l.keys()
     for name in grads32:
-        _check_rule(f"grad {name}", grads_k[name], grads_l[name], grads32[name])
+        _check_rule(f"grad {name}", grads_k[name], grads_l[name], grads32[name], ulp_dtype=dtype)
+    paths["selection_flips"] = flips
     return paths
+
+
+def _compare(attn_cpu, x, dtype):
+    for p in attn_cpu.parameters():
+        p.grad = None
+    cuda_module = copy.deepcopy(attn_cpu).cuda().to(dtype)
+    return _compare_runs(attn_cpu, x, cuda_module, x.cuda().to(dtype), dtype)
 
 
 @cuda
@@ -121,15 +229,7 @@ def test_long_sequences_cuda_matches_reference(n, heads, kv_heads, causal):
 
 
 def _compare_on_cuda(attn32, x, dtype):
-    out32, grads32, _ = _run(attn32, x, use_kernels=False)
+    for p in attn32.parameters():
+        p.grad = None
     low = copy.deepcopy(attn32).to(dtype)
-    for p in low.parameters():
-        p.grad = None
-    out_l, grads_l, _ = _run(low, x.to(dtype), use_kernels=False)
-    for p in low.parameters():
-        p.grad = None
-    out_k, grads_k, paths = _run(low, x.to(dtype), use_kernels=True)
-    assert "triton" in paths.values(), paths
-    _check_rule("output", out_k, out_l, out32)
-    for name in grads32:
-        _check_rule(f"grad {name}", grads_k[name], grads_l[name], grads32[name])
+    return _compare_runs(attn32, x, low, x.to(dtype), dtype)

@@ -324,20 +324,61 @@ def test_public_select_topk_on_cpu_is_the_reference():
 def test_cpu_op_kernel_is_the_reference():
     q, ck = make_inputs(1, 31, 4, 2, 16, 1, 2, seed=4)
     kw = kwargs_for(1, 2, 4, 3, True, True, 16)
-    idx, valid, val, lse = torch.ops.nsa.select_topk(q, ck, 1, 2, 2, 4, 3, True, True, kw["scale"], 0)
+    val, lse, idx, valid = torch.ops.nsa.select_topk(q, ck, 1, 2, 2, 4, 3, True, True, kw["scale"], 0)
     ri, rv, rval = ops_topk.reference_select_topk(q, ck, **kw)
     assert idx.dtype == torch.int32 and torch.equal(idx.long(), ri) and torch.equal(valid, rv)
     assert torch.equal(val, rval)
     assert lse.shape == (1, 31, 2) and torch.isfinite(lse).all()
     # autograd through the op's CPU kernels equals the reference's
     qg, cg = q.clone().requires_grad_(), ck.clone().requires_grad_()
-    _, _, v, _ = torch.ops.nsa.select_topk(qg, cg, 1, 2, 2, 4, 3, True, True, kw["scale"], 0)
+    v, _, _, _ = torch.ops.nsa.select_topk(qg, cg, 1, 2, 2, 4, 3, True, True, kw["scale"], 0)
     g = torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
     dq, dck = torch.autograd.grad(v, (qg, cg), g)
     rq, rc = q.clone().requires_grad_(), ck.clone().requires_grad_()
     _, _, rv2 = ops_topk.reference_select_topk(rq, rc, **kw)
     rdq, rdck = torch.autograd.grad(rv2, (rq, rc), g)
     assert rel_err(dq, rdq) <= 1e-5 and rel_err(dck, rdck) <= 1e-5, (rel_err(dq, rdq), rel_err(dck, rdck))
+
+
+def test_op_outputs_float_first_for_opcheck():
+    """Regression (H200 opcheck, test_aot_dispatch_dynamic: "result type Float can't be cast to the desired
+    output type Long"): opcheck sums the op's outputs in order into `sm = 0` with `+=`, so the first output
+    must be floating. Replays that summation on the CPU kernel's outputs, then its backward."""
+    q, ck = make_inputs(1, 31, 4, 2, 16, 1, 2, seed=5, grad=True)
+    outs = torch.ops.nsa.select_topk(q, ck, 1, 2, 2, 4, 3, True, True, 16 ** -0.5, 0)
+    assert [o.dtype for o in outs] == [torch.float32, torch.float32, torch.int32, torch.bool]
+    assert ops_topk.OP_OUTPUTS == ("values", "lse", "block_idx", "block_valid")
+    sm = 0
+    for o in outs:
+        sm += o.sum().abs()
+    dq, dck = torch.autograd.grad(sm, (q, ck))
+    assert torch.isfinite(dq).all() and torch.isfinite(dck).all() and dq.abs().sum() > 0
+
+
+def test_opcheck_without_a_gpu():
+    """torch.library.opcheck's schema, autograd-registration and fake-tensor checks, in a subprocess without
+    the interpreter (under TRITON_INTERPRET=1 fake tensors would reach the interpreter). The AOT-dispatch
+    check needs a GPU driver to trace the Triton kernel: the GPU lane runs it (test_gpu_opcheck_and_compile)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from nsa_codegen import ops_topk\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q = torch.randn(1, 64, 8, 16, generator=g).requires_grad_()\n"
+        "ck = torch.randn(1, 5, 2, 16, generator=g).requires_grad_()\n"
+        "args = (q, ck, 1, 32, 16, 32, 4, True, True, 0.25, 0)\n"
+        "utils = ('test_schema', 'test_autograd_registration', 'test_faketensor')\n"
+        "torch.library.opcheck(torch.ops.nsa.select_topk.default, args, test_utils=utils)\n"
+        "val, lse, idx, _ = torch.ops.nsa.select_topk(*args)\n"
+        "bargs = (q.detach(), ck.detach(), idx, val.detach(), lse, torch.randn_like(val)) + args[2:]\n"
+        "torch.library.opcheck(torch.ops.nsa.select_topk_backward.default, bargs, test_utils=utils)\n"
+        "print('opcheck ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "opcheck ok" in res.stdout, res.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -452,10 +493,14 @@ def test_gpu_forward_backward_numerics(case, dtype, monkeypatch):
 def test_gpu_opcheck_and_compile():
     q, ck = make_inputs(1, 256, 8, 2, 64, 1, 16, dtype=torch.bfloat16, device="cuda", grad=True)
     args = (q, ck, 1, 32, 16, 32, 4, True, True, 64 ** -0.5, 0)
-    torch.library.opcheck(torch.ops.nsa.select_topk.default, args)
+    torch.library.opcheck(torch.ops.nsa.select_topk.default, args)  # every test_util, test_aot_dispatch_dynamic too
+    val, lse, idx, _ = torch.ops.nsa.select_topk(*args)
+    g = torch.randn_like(val)
+    torch.library.opcheck(torch.ops.nsa.select_topk_backward.default,
+                          (q.detach(), ck.detach(), idx, val.detach(), lse, g) + args[2:])
 
     def f(q, ck):
-        idx, valid, val, _ = torch.ops.nsa.select_topk(q, ck, 1, 32, 16, 32, 4, True, True, 64 ** -0.5, 0)
+        val, _, idx, valid = torch.ops.nsa.select_topk(q, ck, 1, 32, 16, 32, 4, True, True, 64 ** -0.5, 0)
         return idx, valid, val
 
     eager = f(q, ck)

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g8_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "cmp_bwd", "group": 8}
-# template_sha256: 29195a4b1e332e7697708d6faf43ce1ae7de1afacd23a6083262ddfc912406f8
+# template_sha256: dd0b6281370ae2e0798b8af62d3d05b0ff558de319052da81da97c35e30de92a
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -22,13 +22,19 @@
 """Compressed attention backward (nsa-spec section 2): cmp_bwd_g8_noncausal.
 
 Visibility: every row of [memory; compressed]; kv head h // 8.
-FlashAttention-2 backward in two kernels, deterministic (no atomics):
+FlashAttention-2 backward in two kernels, deterministic (no atomics), launched dq first:
+  dq_kernel: one program per BLOCK_M packed query rows; loops over their visible key rows like the forward.
+    It also computes the exact delta_i = sum_j P_ij dP_ij (fp32) into DELTA_OUT for dkdv_kernel, and
+    corrects its own dq for it: dq = sum_j P (dP - delta0) k_j - (delta - delta0) * sum_j P k_j.
   dkdv_kernel: one program per BLOCK_N rows of [memory; compressed] keys/values of one kv head (so
     d(ck), d(cv) include the memory rows); loops over the packed query rows that see them (BLOCK_M rows =
     BLOCK_M // 8 tokens x 8 heads, so the group is summed inside the tile), unmasked. dk, dv in fp32 registers, stored once.
-  dq_kernel: one program per BLOCK_M packed query rows; loops over their visible key rows like the forward.
-Inputs: the forward's lse (fp32, natural log) and delta = rowsum(dO * O) (fp32), both (b, N_Q, H) with
-the same strides. Every other tensor has its own strides (last dim contiguous).
+Why the exact delta: FlashAttention's delta0 = rowsum(dO * O) reads the output rounded to 16 bits, an error
+of up to 2^-9 |dO| |O| per query that enters every dS_ij of the row with the same sign (sum_j dS_ij = delta0
+- delta instead of 0). Summed over the rows of ck (a bias of the compression MLP, the memory rows) it grew to
+2.3-2.7x the 16-bit reference's error on the H200; the reference's softmax backward uses its own P and dP.
+Inputs: the forward's lse (fp32, natural log) and delta0 = rowsum(dO * O) (fp32), both (b, N_Q, H) with
+the same strides (DELTA_OUT too). Every other tensor has its own strides (last dim contiguous).
 """
 import triton
 import triton.language as tl
@@ -114,7 +120,7 @@ def dkdv_kernel(
 
 @triton.jit
 def dq_kernel(
-    Q, CK, CV, DO, LSE, DELTA, DQ,
+    Q, CK, CV, DO, LSE, DELTA, DQ, DELTA_OUT,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -154,6 +160,8 @@ def dq_kernel(
     full_hi = (N_KV // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j P_ij k_j
+    delta_acc = tl.zeros([BLOCK_M], tl.float32)  # sum_j P_ij dP_ij
     for start_n in range(0, full_hi, BLOCK_N):
         key = start_n + offs_n
         kv_mask = d_ok[None, :]
@@ -164,6 +172,8 @@ def dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        delta_acc += tl.sum(p * dp, 1)
+        pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
     for start_n in range(full_hi, N_KV, BLOCK_N):
         key = start_n + offs_n
@@ -177,7 +187,10 @@ def dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        delta_acc += tl.sum(p * dp, 1)
+        pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
-    dq *= tl.cast(scale, tl.float32)
+    dq = (dq - (delta_acc - delta)[:, None] * pk) * tl.cast(scale, tl.float32)
+    tl.store(DELTA_OUT + b * stride_lb + tok * stride_ln + head * stride_lh, delta_acc, mask=row_ok)
     dq_off = tok[:, None] * stride_dqn + head[:, None] * stride_dqh
     tl.store(DQ + b * stride_dqb + dq_off + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rq_mask)

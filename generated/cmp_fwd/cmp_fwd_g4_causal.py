@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_fwd_g4_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_fwd", "group": 4}
-# template_sha256: 532d372a3645656412d216590478a64136c7715ba4d920607abf0c5694aa5fef
+# template_sha256: a2c40f2fc14b303db1453ba6dbdfd18bd942aa6d0fcab3ad319011bb2cebe751
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_bwd_bs16_g1_noncausal
 # spec: {"block_size": 16, "causal": false, "family": "select_bwd", "group": 1}
-# template_sha256: 968fa2a77ef18e8316f495c56d2fab9b83440f70e24a6372742f0d1fbd41f10d
+# template_sha256: f3008f062658eab2aea502709e520e00c10fcc93aaf05bfbadb04fc82443454c
 # configs kept (6):
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -14,11 +14,21 @@
 
 """Selected attention backward (nsa-spec section 5): select_bwd_bs16_g1_noncausal.
 
-Same program layout and key visits as the forward (16 tokens x 1 heads = 16 rows, each distinct block once).
-With P = exp(logits - lse) recomputed and dS = P * (dO.V^T - delta), delta = rowsum(dO * O):
-  dq = sum dS * g * scale * k            (registers, stored once)
-  dk += (dS * g * scale)^T q, dv += P^T dO (fp32 atomics into DK, DV; the launcher casts)
+Two kernels, no per-entry atomics. With P = exp(logits - lse) recomputed and
+dS = P * (dP - delta), dP = dO.V^T, delta = rowsum(dO * O) (computed and stored by `kernel`):
+
+`kernel` (query-major, the forward's program layout: 16 tokens x 1 heads = 16 rows, each distinct block once):
+  dq = sum dS * g * scale * k                        (registers, stored once)
   dgate[slot] = sum over the selection head's query heads and the block's keys of dS * scale * q.k
+
+`dkv_kernel` (key-major): the launcher inverts the selection into, per (batch, selection head, key
+block), the list of (token, slot) entries that selected the block, cut into segments of at most
+DKV_SEGMENT entries. A program owns one segment and one key tile of DKV_BLOCK_K keys, gathers
+DKV_TOKENS tokens x 1 heads per step, and accumulates in registers
+  dk = sum (dS * g * scale)^T q,  dv = sum P^T dO
+then adds them once
+into the fp32 DK, DV (atomics only between segments of one block and between selection heads of one
+kv head); the launcher casts.
 Rows with lse = -inf (no key) contribute nothing.
 """
 import triton
@@ -31,6 +41,10 @@ CAUSAL = False
 BLOCK_M = 16
 TOKENS_PER_PROGRAM = 16
 GATHERED = False
+DKV_BLOCK_K = 16
+DKV_KEY_TILES = 1
+DKV_TOKENS = 64
+DKV_SEGMENT = 4096
 CONFIGS = [
     {'BLOCK_N': 16, 'num_warps': 4, 'num_stages': 2, 'max_d16': 256, 'max_d32': 256},
     {'BLOCK_N': 16, 'num_warps': 4, 'num_stages': 1, 'max_d16': 256, 'max_d32': 256},
@@ -43,7 +57,7 @@ CONFIGS = [
 
 @triton.jit
 def kernel(
-    Q, K, V, IDX, VALID, GATES, DO, LSE, DELTA, DQ, DK, DV, DG,
+    Q, K, V, IDX, VALID, GATES, DO, O, LSE, DELTA, DQ, DG,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -51,16 +65,15 @@ def kernel(
     stride_ab, stride_an, stride_ah, stride_as,
     stride_gb, stride_gn, stride_gh, stride_gs,
     stride_dob, stride_don, stride_doh,
+    stride_ob, stride_on, stride_oh,
     stride_lb, stride_ln, stride_lh,
     stride_dqb, stride_dqn, stride_dqh,
-    stride_dkb, stride_dkn, stride_dkh,
-    stride_dvb, stride_dvn, stride_dvh,
     stride_dgb, stride_dgn, stride_dgh, stride_dgs,
     N, HS, GQA, NUM_SEL, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KK_PAD: tl.constexpr, HAS_GATES: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # LSE and DELTA share one (b, n, H) fp32 layout
+    # LSE and DELTA share one (b, n, H) fp32 layout; this kernel writes DELTA = rowsum(dO * O) for dkv_kernel
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HS).to(tl.int64)
@@ -83,11 +96,12 @@ def kernel(
                  mask=qd_mask, other=0.0)
     lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+    o = tl.load(O + b * stride_ob + tok_r * stride_on + head[:, None] * stride_oh + offs_d[None, :],
+                mask=qd_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, delta, mask=row_ok)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    dk_base = DK + b * stride_dkb + kvh * stride_dkh
-    dv_base = DV + b * stride_dvb + kvh * stride_dvh
     dq = tl.zeros([16, BLOCK_D], tl.float32)
 
     # the tile's selections, one row per (token, head) row; invalid slots hold -1 and never match
@@ -131,11 +145,6 @@ def kernel(
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot((ds * (gate * scale)[:, None]).to(k.dtype), k)
-                kv_mask = col_ok[:, None] & d_ok[None, :]
-                tl.atomic_add(dk_base + key[:, None] * stride_dkn + offs_d[None, :],
-                              tl.dot(tl.trans((ds * (gate * scale)[:, None]).to(q.dtype)), q), mask=kv_mask)
-                tl.atomic_add(dv_base + key[:, None] * stride_dvn + offs_d[None, :],
-                              tl.dot(tl.trans(p.to(do.dtype)), do), mask=kv_mask)
 
                 if HAS_GATES:
                     # per token: sum over its heads; each (token, slot) is visited exactly once
@@ -148,3 +157,82 @@ def kernel(
 
     tl.store(DQ + b * stride_dqb + tok_r * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def dkv_kernel(
+    Q, K, V, GATES, DO, LSE, DELTA, DK, DV, ENTRY, SEG,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_gb, stride_gn, stride_gh, stride_gs,
+    stride_dob, stride_don, stride_doh,
+    stride_lb, stride_ln, stride_lh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    stride_eb, stride_sb,
+    N, HS, GQA, NUM_SEL, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATES: tl.constexpr,
+):
+    # SEG (b * HS, segments, 4) int32: key block (-1: no work), first entry, end entry, first segment of
+    # its block; ENTRY (b * HS, n * NUM_SEL) int32: token * NUM_SEL + slot, grouped by key block
+    pid_s = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    seg = SEG + pid_bh.to(tl.int64) * stride_sb + pid_s * 4
+    b = (pid_bh // HS).to(tl.int64)
+    hs = pid_bh % HS
+    kvh = hs * 1 // GQA
+    scale = tl.cast(scale, tl.float32)  # (not redefined under the `if`: a constexpr scale must not change type)
+    sm_scale = scale * 1.4426950408889634  # log2 domain
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    blk = tl.load(seg)
+    if blk >= 0:
+        start = tl.load(seg + 1)
+        end = tl.load(seg + 2)
+        offs_k = pid_k * 16 + tl.arange(0, 16)
+        key = blk * 16 + offs_k
+        col_ok = (key < N)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + kvh * stride_kh + key[:, None] * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + kvh * stride_vh + key[:, None] * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        dk = tl.zeros([16, BLOCK_D], tl.float32)
+        dv = tl.zeros([16, BLOCK_D], tl.float32)
+        # row r = (entry r // 1 of the step, head r % 1 of the group)
+        rows = tl.arange(0, 64)
+        head = hs * 1 + rows % 1
+        entries = ENTRY + pid_bh.to(tl.int64) * stride_eb
+        for e0 in range(start, end, 64):
+            ent = e0 + rows // 1
+            row_ok = (ent < end)
+            e = tl.load(entries + ent, mask=row_ok, other=0)
+            tok = e // NUM_SEL
+            qd_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+                        mask=qd_mask, other=0.0)
+            do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
+                         mask=qd_mask, other=0.0)
+            lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+
+            if HAS_GATES:
+                gate = tl.load(GATES + b * stride_gb + tok * stride_gn + hs * stride_gh + (e % NUM_SEL) * stride_gs,
+                               mask=row_ok, other=0.0).to(tl.float32)
+            else:
+                gate = tl.full([64], 1.0, tl.float32)
+            qk = tl.dot(q, tl.trans(k))
+            s = tl.where(row_ok[:, None] & col_ok[None, :], qk * (sm_scale * gate)[:, None], float("-inf"))
+            p = tl.exp2(s - lse2[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans((ds * (gate * scale)[:, None]).to(q.dtype)), q)
+
+        tl.atomic_add(DK + b * stride_dkb + kvh * stride_dkh + key[:, None] * stride_dkn + offs_d[None, :], dk,
+                      mask=kv_mask)
+        tl.atomic_add(DV + b * stride_dvb + kvh * stride_dvh + key[:, None] * stride_dvn + offs_d[None, :], dv,
+                      mask=kv_mask)

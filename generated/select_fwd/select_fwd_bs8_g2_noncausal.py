@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs8_g2_noncausal
 # spec: {"block_size": 8, "causal": false, "family": "select_fwd", "group": 2}
-# template_sha256: a98c7f2f40178bdc7c2eb16581519a42fa9118571d8cf2d58bcc8e3dd7790f92
+# template_sha256: 59c89357d79e364e4f2fd7fbb29ba17853f9b5ae546ab721ee4e55073178a731
 # configs kept (6):
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}

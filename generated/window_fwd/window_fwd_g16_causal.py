@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_fwd_g16_causal
 # spec: {"block_size": 0, "causal": true, "family": "window_fwd", "group": 16}
-# template_sha256: 7d192b882ede26c27aef6ac198e6d010d896b0e7c0d9f63198a2ee20566dc9fd
+# template_sha256: eb9a80755a300bc94dba9b0618f72ae13ccee31eaebda98e927689ecb774791b
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}
