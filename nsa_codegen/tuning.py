@@ -409,8 +409,11 @@ def _resolve(module, head_dim, dtype, n, probe, run, bench_fn) -> tuple[dict, di
         key = make_key(variant_name(module), head_dim, dtype, n, probe.device)
         reason = benchmark_blocker(probe)
         config = choose(key, candidates, run, may_bench=reason is None, bench_fn=bench_fn)
-        if config is None:  # no table entry and no benchmark allowed: default, not memoized
-            _DECISIONS[str(key)].setdefault("reason", reason)
+        if config is None:
+            if reason is None:  # every candidate failed (e.g. out of memory): default, for this process
+                _MEMO[memo_key] = _default_split(module, block_d, dtype_bytes)
+                return _MEMO[memo_key]
+            _DECISIONS[str(key)]["reason"] = reason  # no table entry, no benchmark: default, not memoized
             return _default_split(module, block_d, dtype_bytes)
         _MEMO[memo_key] = split(config)
         return _MEMO[memo_key]

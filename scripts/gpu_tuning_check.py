@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 B, N, H, K, D, L, KK = 1, 8192, 64, 4, 128, 64, 16
 SCENARIOS = ["untuned-cold", "tuned-cold", "tuned-warm", "untuned-warm", "table-only"]
-CHILD_TIMEOUT_S = 150
+CHILD_TIMEOUT_S = 100  # per scenario process
+DEADLINE_S = 170  # the whole check stays under 3 minutes
 
 
 def log(*a):
@@ -142,11 +143,16 @@ def child(mode: str, result_path: str) -> None:
 # parent
 
 
-def run_child(mode, env, tmp: Path) -> dict:
+def run_child(mode, env, tmp: Path, timeout: float) -> dict:
     result = tmp / f"{mode}.json"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(result)], env=env, capture_output=True,
-                          text=True, timeout=CHILD_TIMEOUT_S)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, str(result)], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        return {"mode": mode, "error": f"timeout after {timeout:.0f} s", "stderr_tail": err[-3000:],
+                "process_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not result.exists():
         log(proc.stdout[-3000:], proc.stderr[-3000:])
@@ -195,8 +201,12 @@ def main() -> None:
             table = dirs["tune_B"] / "tuning.json"
             if table.exists():
                 shutil.copy(table, dirs["tune_C"] / "tuning.json")
+        left = DEADLINE_S - (time.perf_counter() - t_all)
+        if left < 20:
+            results[mode] = {"mode": mode, "error": "skipped: out of time"}
+            continue
         log(f"== {mode}")
-        results[mode] = run_child(mode, envs[mode], tmp)
+        results[mode] = run_child(mode, envs[mode], tmp, min(CHILD_TIMEOUT_S, left))
         r = results[mode]
         log(json.dumps({k: r.get(k) for k in ("first_call_s", "second_call_s", "config", "process_s", "error")}))
     table = dirs["tune_B"] / "tuning.json"

@@ -317,6 +317,23 @@ class _Picked(Exception):
     cannot take fake tensors, and the launch is not what these tests are about."""
 
 
+def test_every_candidate_failing_on_the_call_path_is_not_retried(monkeypatch):
+    mod = _module()
+    default = ops._pick_config(mod, 128, 2)
+    calls = []
+
+    def oom(fn):
+        calls.append(fn)
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(tuning, "benchmark_blocker", lambda probe: None)
+    for _ in range(3):
+        assert tuning.forward_config(mod, 128, torch.bfloat16, 8192, torch.zeros(1), lambda c: None,
+                                     bench_fn=oom) == default
+    assert len(calls) == len(tuning.fitting_configs(mod.CONFIGS, 128, 2))  # one failed round, then the memo
+    assert not tuning.table_path().exists()
+
+
 def _fake_cuda_call(monkeypatch):
     """torch.ops.nsa.selected_attention under FakeTensorMode on fake CUDA tensors (what torch.compile
     traces), stopped right after `_fwd` got its config; returns the (constexprs, launch) it got, the
