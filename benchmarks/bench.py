@@ -881,7 +881,13 @@ def resource_report(bench) -> list[dict]:
                             cx[nm] = val
                     ent["constexprs"] = cx
                     rmod = _resource_module(spec)
-                    if rmod is not None and ("BLOCK_N" in cx or "BLOCK_U" in cx):
+                    if attr == "dkv_kernel" and rmod is not None and hasattr(rmod, "predict_dkv"):
+                        try:
+                            ent["predicted"] = _jsonable(rmod.predict_dkv(
+                                spec, int(cx.get("HEAD_DIM", 128)), 2, ent["num_warps"], ent["num_stages"]))
+                        except Exception as exc:  # noqa: BLE001
+                            ent["predicted"] = "error: " + _short_err(exc, 200)
+                    elif rmod is not None and ("BLOCK_N" in cx or "BLOCK_U" in cx):
                         cfg = dict(cx, num_warps=ent["num_warps"], num_stages=ent["num_stages"])
                         try:
                             ent["predicted"] = _jsonable(rmod.predict(spec, cfg, int(cx.get("HEAD_DIM", 128)), 2))

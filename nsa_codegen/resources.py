@@ -40,6 +40,25 @@ REGS = {
 }
 
 
+# select_bwd's key-major dkv_kernel (one config per head dim, ops.DKV_LAUNCH; not autotuned): K, V tiles
+# of BK keys resident, gathered Q and dO rows (R = DKV_TOKENS * GP) per stage, P^T and dS^T staged for
+# the dk / dv dots; fp32 dk, dv accumulators plus five R x BK score-sized temporaries in registers
+RK = sympy.symbols("DKV_ROWS", positive=True, integer=True)
+DKV_SMEM = 2 * BN * D * B + S * 2 * RK * D * B + 2 * RK * BN * B
+DKV_REGS = (2 * BN * D + 5 * RK * BN) / (32 * W) + 40
+
+
+def predict_dkv(spec: VariantSpec, head_dim: int, dtype_bytes: int, num_warps: int, num_stages: int) -> dict:
+    """Predicted shared memory (bytes) and registers per thread of `spec`'s dkv_kernel (select_bwd)."""
+    gp = _pow2(spec.group)
+    rows = max(1, 64 // gp) * gp
+    block_k = min(max(16, _pow2(spec.block_size)), 64)
+    d = _pow2(max(16, head_dim))
+    subs = {BN: block_k, D: d, B: dtype_bytes, S: num_stages, W: num_warps, RK: rows}
+    return {"shared": int(DKV_SMEM.subs(subs)), "n_regs": int(round(float(DKV_REGS.subs(subs)))),
+            "DKV_ROWS": rows, "DKV_BLOCK_K": block_k, "BLOCK_D": d}
+
+
 @cache
 def _functions(family: str):
     """The family's formulas as numeric functions (lambdify once per process)."""
