@@ -89,7 +89,7 @@ class _SelectionProbe:
             if self.force is not None:
                 f_idx, f_valid = (t.to(idx.device) for t in self.force)
                 idx, valid = f_idx.long(), f_valid
-                values = self.p_full.gather(-1, idx)
+                values = self.p_full.gather(-1, idx.clamp(0, U - 1))  # invalid entries: any index
         self.selection = (idx.detach().long().cpu(), valid.detach().cpu())
         return idx, valid, values
 
