@@ -65,6 +65,10 @@ LABELS = {
     "layer_ours": "layer core: each branch on its nsa_codegen kernel where one exists (see 'branches')",
     "layer_reference": "layer core: every branch on the PyTorch reference",
     "fla_layer": "fla parallel_nsa: compression + top-k + selected (no sliding: flash_attn absent)",
+    "branch_compressed": "layer branch alone: compressed attention, nsa_codegen.ops_compressed (ck/cv prebuilt)",
+    "branch_topk": "layer branch alone: top-k block selection, nsa_codegen.ops_topk (forward only)",
+    "branch_sliding": "layer branch alone: sliding-window attention, nsa_codegen.ops_window",
+    "branch_compress_mlp": "layer branch alone: the two compression MLPs (k and v), torch (cuBLAS)",
 }
 
 
@@ -778,6 +782,96 @@ def impl_fla_layer(bench, inp, mode, cfg):
     return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2, 3, 4))
 
 
+def _branch_setup(bench, inp, params: LayerParams, cfg, rg):
+    """Per input set: (q, k, v, do, ck, cv) with ck/cv = compression MLP + memory rows, built once
+    outside the timed call (as impl_layer builds them), detached, requires_grad=rg."""
+    torch = bench.torch
+    import torch.nn.functional as F
+    from nsa_codegen import reference as ref
+
+    l, s = cfg["compress_block_size"], cfg["stride"]
+    W1, b1, W2, b2, W1v, b1v, W2v, b2v, Pk, Pv, mem = params.tensors()
+    mlp_k = lambda w: F.linear(F.relu(F.linear(w.flatten(-2), W1, b1)), W2, b2)  # noqa: E731
+    mlp_v = lambda w: F.linear(F.relu(F.linear(w.flatten(-2), W1v, b1v)), W2v, b2v)  # noqa: E731
+    out = []
+    with torch.no_grad():
+        for q, k, v, do in inp.sets:
+            ck, cv = ref.prepend_memory(ref.compress(k, Pk, mlp_k, l, s), ref.compress(v, Pv, mlp_v, l, s), mem)
+            out.append((q.detach().requires_grad_(rg), k.detach().requires_grad_(rg),
+                        v.detach().requires_grad_(rg), do, ck.detach().requires_grad_(rg),
+                        cv.detach().requires_grad_(rg)))
+    return out
+
+
+def impl_branch(which):
+    """One branch of the layer core alone, on the same inputs and config as the layer rows:
+    compressed / topk / sliding on their nsa_codegen kernels (called directly, no reference fallback:
+    a failure is the row's error), compress_mlp in torch (cuBLAS)."""
+    def impl(bench, inp, params: LayerParams, mode, cfg):
+        torch = bench.torch
+        l, s = cfg["compress_block_size"], cfg["stride"]
+        lsel, kk, W, M = cfg["selection_block_size"], cfg["num_selected"], cfg["window"], cfg["num_mem"]
+        scale = cfg["d"] ** -0.5
+        rg = mode == "fwdbwd"
+        if which == "compress_mlp":
+            import torch.nn.functional as F
+            from nsa_codegen import reference as ref
+
+            ptens = [t.detach().requires_grad_(rg) for t in params.tensors()[:10]]  # no memory rows
+            g = torch.Generator(device=bench.dev)
+            g.manual_seed(17)
+            prepared = []
+            for q, k, v, do in inp.sets:
+                C = k.shape[1] // s  # reference.compress_windows: C = n // stride
+                dck = torch.randn((1, C, k.shape[2], k.shape[3]), generator=g, device=bench.dev, dtype=k.dtype)
+                dcv = torch.randn((1, C, k.shape[2], k.shape[3]), generator=g, device=bench.dev, dtype=k.dtype)
+                prepared.append((k.detach().requires_grad_(rg), v.detach().requires_grad_(rg), *ptens,
+                                 (dck, dcv)))
+
+            def fwd(k, v, W1, b1, W2, b2, W1v, b1v, W2v, b2v, Pk, Pv):
+                mlp_k = lambda w: F.linear(F.relu(F.linear(w.flatten(-2), W1, b1)), W2, b2)  # noqa: E731
+                mlp_v = lambda w: F.linear(F.relu(F.linear(w.flatten(-2), W1v, b1v)), W2v, b2v)  # noqa: E731
+                return ref.compress(k, Pk, mlp_k, l, s), ref.compress(v, Pv, mlp_v, l, s)
+            return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), tuple(range(12)))
+        sets = _branch_setup(bench, inp, params, cfg, rg)
+        if which == "compressed":
+            from nsa_codegen.ops_compressed import compressed_attention
+
+            def fwd(q, ck, cv):
+                return compressed_attention(q, ck, cv, num_mem=M, block_size=l, stride=s, causal=True,
+                                            scale=scale, return_logits=False)[0]
+            prepared = [(q, ck, cv, do) for q, k, v, do, ck, cv in sets]
+            return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2))
+        if which == "topk":
+            from nsa_codegen.ops_topk import select_topk
+            if mode != "fwd":
+                raise NotImplementedError("select_topk has no gradient without use_diff_topk")
+
+            def fwd(q, ck):
+                return select_topk(q, ck, num_mem=M, compress_block_size=l, stride=s, selection_block_size=lsel,
+                                   num_selected=kk, causal=True, share=True, scale=scale)[0]
+            prepared = [(q.detach(), ck.detach(), None) for q, k, v, do, ck, cv in sets]
+            return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), ())
+        if which == "sliding":
+            from nsa_codegen.ops_window import sliding_window_attention
+
+            def fwd(q, k, v):
+                return sliding_window_attention(q, k, v, window=W, causal=True, scale=scale)
+            prepared = [(q, k, v, do) for q, k, v, do, ck, cv in sets]
+            return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2))
+        raise ValueError(which)
+    return impl
+
+
+# (impl name, branch, timed with backward?, budget power in n, where it runs)
+BRANCH_PLAN = (
+    ("branch_compressed", "compressed", True, 2.0, "kernel (nsa_codegen.ops_compressed, generated Triton)"),
+    ("branch_topk", "topk", False, 2.0, "kernel (nsa_codegen.ops_topk, generated Triton)"),
+    ("branch_sliding", "sliding", True, 1.0, "kernel (nsa_codegen.ops_window, generated Triton)"),
+    ("branch_compress_mlp", "compress_mlp", True, 1.0, "torch (cuBLAS)"),
+)
+
+
 # ------------------------------------------------------------------------------------------------
 # ceilings and the resource report
 
@@ -1032,7 +1126,41 @@ def phase_layer(bench, ns, phase_deadline):
                                                    combine="fla (gated sum)")))
         del inp, params
         gc.collect()
-        torch.cuda.empty_cache()
+        if bench.cuda:
+            torch.cuda.empty_cache()
+    # per-branch rows after every layer row, so a short budget drops branches first
+    for n in ns:
+        try:
+            inp = Inputs(torch, n, H, K, d, min(a.rotate, 2), bench.dev, bench.dtype, seed=5000 + n)
+            params = LayerParams(torch, K, d, cfg["compress_block_size"], cfg["num_mem"], bench.dev,
+                                 bench.dtype)
+            err = None
+        except Exception as exc:  # noqa: BLE001
+            inp = params = None
+            err = "inputs: " + _short_err(exc)
+        for name, br, has_bwd, power, where in BRANCH_PLAN:
+            for mode in ("fwd", "fwdbwd"):
+                base = dict(section="layer", impl=name, label=LABELS[name], n=n, G=H // K, H=H, K=K, mode=mode,
+                            branch=br, runs_on=where)
+                if err:
+                    bench.add(dict(base, status="error", error=err))
+                    continue
+                if mode == "fwdbwd" and not has_bwd:
+                    bench.add(dict(base, status="skipped",
+                                   error="no backward: select_topk has no gradient without use_diff_topk "
+                                         "(its indices are not differentiable; not timed)"))
+                    continue
+                if bench.remaining() < 3 or time.perf_counter() > phase_deadline:
+                    bench.add(dict(base, status="skipped", error="time budget: phase over"))
+                    continue
+                bench.run_row(section="layer", impl=name, n=n, G=H // K, mode=mode,
+                              make_fn=lambda br=br, mode=mode: impl_branch(br)(bench, inp, params, mode, cfg),
+                              phase_deadline=phase_deadline, power=power,
+                              extra=dict(branch=br, runs_on=where))
+        del inp, params
+        gc.collect()
+        if bench.cuda:
+            torch.cuda.empty_cache()
 
 
 def phase_check(bench, phase_deadline, n=None, Gs=(16, 4, 1)):
@@ -1109,7 +1237,8 @@ def phase_check(bench, phase_deadline, n=None, Gs=(16, 4, 1)):
 
 
 def compute_ratios(rows) -> list[dict]:
-    """anchor_ms / ours_ms for each (section, n, G, mode); > 1 means ours is faster."""
+    """anchor_ms / ours_ms for each (section, n, G, mode); > 1 means ours is faster. Section
+    layer_share: a branch_* row alone / layer_ours (the share of the layer core), not a speedup."""
     ok = {(r["section"], r["impl"], r["n"], r["G"], r["mode"]): r for r in rows if r["status"] == "ok"}
     ratios = []
     for (sec, impl, n, G, mode), r in sorted(ok.items(), key=lambda x: (x[0][0], x[0][2], x[0][3], x[0][4], x[0][1])):
@@ -1120,6 +1249,12 @@ def compute_ratios(rows) -> list[dict]:
                 continue
             ratios.append(dict(section=sec, n=n, G=G, mode=mode, anchor=impl, ours="ours",
                                anchor_ms=r["ms"], ours_ms=ours["ms"], ratio=r["ms"] / ours["ms"]))
+        elif sec == "layer" and impl.startswith("branch_"):
+            # share of the whole layer core (kernels) this branch alone takes; not a speedup
+            ours = ok.get(("layer", "layer_ours", n, G, mode))
+            if ours is not None:
+                ratios.append(dict(section="layer_share", n=n, G=G, mode=mode, anchor=impl, ours="layer_ours",
+                                   anchor_ms=r["ms"], ours_ms=ours["ms"], ratio=r["ms"] / ours["ms"]))
         elif sec == "layer" and impl != "layer_ours":
             ours = ok.get(("layer", "layer_ours", n, G, mode))
             if ours is not None:
@@ -1181,15 +1316,17 @@ def print_table(result):
             print(f"check {r['impl']:12s} G={r['G']:2d}: max|o - ref| = {r['max_abs_err']:.2e} "
                   f"rel {r['rel_err']:.2e} (bf16 reference {r['ref_bf16_max_abs_err']}) "
                   f"within 2x rule: {r['within_rule']}")
-    for sec in ("selected", "gqa", "flex", "layer"):
-        keys = sorted({(k[2], k[3], k[4]) for k in ok if k[0] == sec})
+    groups = [(sec, sec, None) for sec in ("selected", "gqa", "flex")]
+    groups += [("layer", "layer", False), ("layer", "layer branches", True)]
+    for sec, title, branch in groups:
         impls = []
         for k in ok:
-            if k[0] == sec and k[1] not in impls:
+            if k[0] == sec and k[1] not in impls and (branch is None or k[1].startswith("branch_") == branch):
                 impls.append(k[1])
+        keys = sorted({(k[2], k[3], k[4]) for k in ok if k[0] == sec and k[1] in impls})
         if not keys:
             continue
-        print(f"\n[{sec}] " + " | ".join(impls))
+        print(f"\n[{title}] " + " | ".join(impls))
         for n, G, mode in keys:
             cells = []
             for impl in impls:
@@ -1212,7 +1349,7 @@ def print_table(result):
     print("\nratios:")
     for r in result["ratios"]:
         print(f"  {r['section']:8s} n={r['n']:6d} G={r['G']:2d} {r['mode']:6s} {r['anchor']:16s}/"
-              f"{r['ours']:10s} = {r['ratio']:.2f}x")
+              f"{r['ours']:10s} = {r['ratio']:.2f}x" + (" of the layer" if r["section"] == "layer_share" else ""))
     errs = [r for r in rows if r["status"] in ("error", "unsupported")]
     if errs:
         print("\nfailures / unsupported:")
@@ -1233,7 +1370,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m nsa_codegen bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="few sizes (n in {4k, 16k}), short budget")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole run (default 540, quick 150); rows past it are 'skipped'")
+                   help="seconds for the whole run (default 500, quick 150); rows past it are 'skipped'")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and PNGs")
     p.add_argument("--ns", default=None, help="comma-separated sequence lengths (override)")
     p.add_argument("--gqa-n", type=int, default=None, help="n of the GQA sweep (default 32768, quick 8192)")
@@ -1255,7 +1392,7 @@ def parse_args(argv):
                    help="cpu: smoke-test the harness only (anchors fail there, host timer)")
     a = p.parse_args(argv)
     if a.budget is None:
-        a.budget = 150.0 if a.quick else 540.0
+        a.budget = 150.0 if a.quick else 500.0
     if a.flex_timeout is None:
         a.flex_timeout = 60 if a.quick else 90
     if a.rep_ms is None:
@@ -1360,7 +1497,7 @@ def main(argv=None) -> int:
     ceilings = {}
 
     # phase weights: each phase gets its share of what is left when it starts
-    weights = dict(check=0.16, selected=0.44, gqa=0.14, layer=0.14, flex=0.12)
+    weights = dict(check=0.10, selected=0.36, gqa=0.15, layer=0.27, flex=0.12)
     todo = [s for s in SECTIONS if s in args.sections]
 
     def phase_deadline(name):

@@ -5,6 +5,7 @@ Writes, next to the JSON (or in --out), with the JSON's stem as prefix:
   *_speedup.png                      speedup over dense causal SDPA (flash) vs n, fwd and fwd+bwd
   *_gqa.png                          GQA sweep: achieved TFLOP/s of the selected branch per G
   *_layer.png                        whole-layer core vs dense SDPA, time vs n
+  *_branches.png                     each layer branch alone next to the whole layer core, time vs n
 Rows that failed or were skipped are listed in a note under each figure, never drawn as numbers.
 """
 from __future__ import annotations
@@ -25,6 +26,10 @@ STYLE = {
     "layer_ours": dict(color="tab:red", marker="o", ls="-."),
     "layer_reference": dict(color="tab:brown", marker="v", ls="-."),
     "fla_layer": dict(color="tab:blue", marker="s", ls="-."),
+    "branch_compressed": dict(color="tab:orange", marker="<"),
+    "branch_topk": dict(color="tab:olive", marker=">"),
+    "branch_sliding": dict(color="tab:cyan", marker="P"),
+    "branch_compress_mlp": dict(color="tab:pink", marker="*"),
 }
 SHORT = {
     "ours": "ours (generated Triton)",
@@ -37,7 +42,12 @@ SHORT = {
     "layer_ours": "layer core: ours (kernels per branch)",
     "layer_reference": "layer: all PyTorch reference",
     "fla_layer": "fla parallel_nsa cmp+topk+slc (no swa)",
+    "branch_compressed": "branch: compressed attention (kernel)",
+    "branch_topk": "branch: top-k selection (kernel, fwd only)",
+    "branch_sliding": "branch: sliding window (kernel)",
+    "branch_compress_mlp": "branch: compression MLPs k+v (cuBLAS)",
 }
+BRANCHES = ("branch_compressed", "branch_topk", "branch_sliding", "branch_compress_mlp")
 MODES = {"fwd": "forward", "fwdbwd": "forward + backward"}
 
 
@@ -62,9 +72,11 @@ def _impls(res, sections):
     return seen
 
 
-def _failures(res, sections, mode=None):
+def _failures(res, sections, mode=None, keep=None):
     lines, seen = [], set()
     for r in res["rows"]:
+        if keep is not None and not keep(r["impl"]):
+            continue
         if r["section"] in sections and r["status"] != "ok" and (mode is None or r["mode"] == mode):
             key = (r["impl"], r["status"], (r.get("error") or "")[:70])
             if key in seen:
@@ -235,7 +247,44 @@ def plot_layer(res, path):
     axes[0].set_ylabel("time per call, ms (median)")
     axes[1].legend(fontsize=7)
     fig.suptitle(_title(res, "Whole-layer core (no projections) vs dense attention"), fontsize=9)
-    fails = _failures(res, ("layer",))
+    fails = _failures(res, ("layer",), keep=lambda i: not i.startswith("branch_"))
+    fig.tight_layout(rect=(0, 0.03 + 0.022 * min(len(fails), 9), 1, 1))
+    _note(fig, fails)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_branches(res, path):
+    """Each branch of the layer core timed alone (same inputs and config as the layer rows), with the
+    whole layer core (kernels) for scale; fwd and fwd+bwd."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(r["section"] == "layer" and r["impl"].startswith("branch_") for r in res["rows"]):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.8), sharey=True)
+    ns = sorted({r["n"] for r in res["rows"] if r["section"] == "layer"})
+    for ax, mode in zip(axes, ("fwd", "fwdbwd")):
+        for impl in ("layer_ours",) + BRANCHES:
+            rows = _rows(res, "layer", impl, mode)
+            if rows:
+                ax.plot([r["n"] for r in rows], [r["ms"] for r in rows], label=SHORT.get(impl, impl),
+                        **STYLE.get(impl, {}))
+        ax.set_yscale("log")
+        _fmt_n(ax, ns)
+        ax.set_title(MODES[mode], fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time per call, ms (median)")
+    handles = {}
+    for ax in axes:  # top-k is forward-only: merge both panels' entries
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        axes[1].legend(list(handles.values()), list(handles.keys()), fontsize=7)
+    fig.suptitle(_title(res, "Layer core branch by branch (each alone) vs the whole layer core"), fontsize=9)
+    fails = _failures(res, ("layer",), keep=lambda i: i.startswith("branch_"))
     fig.tight_layout(rect=(0, 0.03 + 0.022 * min(len(fails), 9), 1, 1))
     _note(fig, fails)
     fig.savefig(path, dpi=120)
@@ -262,6 +311,9 @@ def plot_all(json_path, out_dir=None) -> list[Path]:
         written.append(p)
     p = out / f"{stem}_layer.png"
     if plot_layer(res, p):
+        written.append(p)
+    p = out / f"{stem}_branches.png"
+    if plot_branches(res, p):
         written.append(p)
     return written
 
