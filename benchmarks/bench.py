@@ -1086,65 +1086,55 @@ def phase_selected(bench, ns, phase_deadline, section="selected", Gs=None, impls
 
 
 def phase_layer(bench, ns, phase_deadline):
+    """Three passes over n, most important first, so a short budget drops the least useful rows:
+    (1) the layer on our kernels and fla's layer; (2) each branch alone; (3) the all-reference layer
+    (slow: seconds per call at 8k), only up to --layer-ref-max-n."""
     torch, a = bench.torch, bench.args
     H, K, d = a.H, CONFIG["K"], CONFIG["d"]
     cfg = dict(CONFIG, H=H)
-    plan = [("layer_ours", impl_layer("ours")), ("layer_reference", impl_layer("reference"))]
-    for n in ns:
-        try:
-            inp = Inputs(torch, n, H, K, d, min(a.rotate, 2), bench.dev, bench.dtype, seed=5000 + n)
-            params = LayerParams(torch, K, d, cfg["compress_block_size"], cfg["num_mem"], bench.dev,
-                                 bench.dtype)
-        except Exception as exc:  # noqa: BLE001
-            bench.add(dict(section="layer", impl="layer_ours", n=n, G=H // K, H=H, K=K, mode="fwd",
-                           status="error", error="inputs: " + _short_err(exc)))
-            continue
-        branches_ours = {k: v[1] for k, v in layer_branches(bench, True).items()}
-        branches_ours.update(compress_mlp="torch (cuBLAS)", rotary="torch", combine="torch")
-        branches_ref = {k: v[1] for k, v in layer_branches(bench, False).items()}
-        branches_ref.update(compress_mlp="torch (cuBLAS)", rotary="torch", combine="torch")
-        for name, impl in plan:
-            if name == "layer_reference" and n > a.layer_ref_max_n:
-                for mode in ("fwd", "fwdbwd"):
-                    bench.add(dict(section="layer", impl=name, label=LABELS[name], n=n, G=H // K, H=H, K=K,
-                                   mode=mode, status="skipped",
-                                   error=f"not run above n={a.layer_ref_max_n} (--layer-ref-max-n)",
-                                   branches=branches_ref))
-                continue
-            for mode in ("fwd", "fwdbwd"):
-                bench.run_row(section="layer", impl=name, n=n, G=H // K, mode=mode,
-                              make_fn=lambda impl=impl, mode=mode: impl(bench, inp, params, mode, cfg),
-                              phase_deadline=phase_deadline, power=1.5,
-                              extra=dict(branches=branches_ours if name == "layer_ours" else branches_ref))
-        for mode in ("fwd", "fwdbwd"):
-            bench.run_row(section="layer", impl="fla_layer", n=n, G=H // K, mode=mode,
-                          make_fn=lambda mode=mode: impl_fla_layer(bench, inp, mode, cfg),
-                          phase_deadline=phase_deadline, power=1.5,
-                          extra=dict(branches=dict(compressed="fla kernel (mean-pooled keys, not an MLP)",
-                                                   topk="fla kernel", selected="fla kernel",
-                                                   sliding="not run (needs flash_attn)",
-                                                   combine="fla (gated sum)")))
-        del inp, params
+    branches_ours = {k: v[1] for k, v in layer_branches(bench, True).items()}
+    branches_ours.update(compress_mlp="torch (cuBLAS)", rotary="torch", combine="torch")
+    branches_ref = {k: v[1] for k, v in layer_branches(bench, False).items()}
+    branches_ref.update(compress_mlp="torch (cuBLAS)", rotary="torch", combine="torch")
+    fla_branches = dict(compressed="fla kernel (mean-pooled keys, not an MLP)", topk="fla kernel",
+                        selected="fla kernel", sliding="not run (needs flash_attn)", combine="fla (gated sum)")
+
+    def layer_inputs(n):
+        inp = Inputs(torch, n, H, K, d, min(a.rotate, 2), bench.dev, bench.dtype, seed=5000 + n)
+        return inp, LayerParams(torch, K, d, cfg["compress_block_size"], cfg["num_mem"], bench.dev, bench.dtype)
+
+    def release():
         gc.collect()
         if bench.cuda:
             torch.cuda.empty_cache()
-    # per-branch rows after every layer row, so a short budget drops branches first
-    for n in ns:
-        try:
-            inp = Inputs(torch, n, H, K, d, min(a.rotate, 2), bench.dev, bench.dtype, seed=5000 + n)
-            params = LayerParams(torch, K, d, cfg["compress_block_size"], cfg["num_mem"], bench.dev,
-                                 bench.dtype)
-            err = None
-        except Exception as exc:  # noqa: BLE001
-            inp = params = None
-            err = "inputs: " + _short_err(exc)
+
+    def each_n(sizes, rows_for, impl_name):
+        for n in sizes:
+            try:
+                inp, params = layer_inputs(n)
+            except Exception as exc:  # noqa: BLE001
+                bench.add(dict(section="layer", impl=impl_name, n=n, G=H // K, H=H, K=K, mode="fwd",
+                               status="error", error="inputs: " + _short_err(exc)))
+                continue
+            rows_for(n, inp, params)
+            del inp, params
+            release()
+
+    def main_rows(n, inp, params):
+        for mode in ("fwd", "fwdbwd"):
+            bench.run_row(section="layer", impl="layer_ours", n=n, G=H // K, mode=mode,
+                          make_fn=lambda mode=mode: impl_layer("ours")(bench, inp, params, mode, cfg),
+                          phase_deadline=phase_deadline, power=1.5, extra=dict(branches=branches_ours))
+        for mode in ("fwd", "fwdbwd"):
+            bench.run_row(section="layer", impl="fla_layer", n=n, G=H // K, mode=mode,
+                          make_fn=lambda mode=mode: impl_fla_layer(bench, inp, mode, cfg),
+                          phase_deadline=phase_deadline, power=1.5, extra=dict(branches=fla_branches))
+
+    def branch_rows(n, inp, params):
         for name, br, has_bwd, power, where in BRANCH_PLAN:
             for mode in ("fwd", "fwdbwd"):
                 base = dict(section="layer", impl=name, label=LABELS[name], n=n, G=H // K, H=H, K=K, mode=mode,
                             branch=br, runs_on=where)
-                if err:
-                    bench.add(dict(base, status="error", error=err))
-                    continue
                 if mode == "fwdbwd" and not has_bwd:
                     bench.add(dict(base, status="skipped",
                                    error="no backward: select_topk has no gradient without use_diff_topk "
@@ -1157,10 +1147,23 @@ def phase_layer(bench, ns, phase_deadline):
                               make_fn=lambda br=br, mode=mode: impl_branch(br)(bench, inp, params, mode, cfg),
                               phase_deadline=phase_deadline, power=power,
                               extra=dict(branch=br, runs_on=where))
-        del inp, params
-        gc.collect()
-        if bench.cuda:
-            torch.cuda.empty_cache()
+
+    def reference_rows(n, inp, params):
+        for mode in ("fwd", "fwdbwd"):
+            bench.run_row(section="layer", impl="layer_reference", n=n, G=H // K, mode=mode,
+                          make_fn=lambda mode=mode: impl_layer("reference")(bench, inp, params, mode, cfg),
+                          phase_deadline=phase_deadline, power=1.5, extra=dict(branches=branches_ref))
+
+    each_n(ns, main_rows, "layer_ours")
+    each_n(ns, branch_rows, "branch_compressed")
+    for n in ns:
+        if n > a.layer_ref_max_n:
+            for mode in ("fwd", "fwdbwd"):
+                bench.add(dict(section="layer", impl="layer_reference", label=LABELS["layer_reference"], n=n,
+                               G=H // K, H=H, K=K, mode=mode, status="skipped",
+                               error=f"not run above n={a.layer_ref_max_n} (--layer-ref-max-n)",
+                               branches=branches_ref))
+    each_n([n for n in ns if n <= a.layer_ref_max_n], reference_rows, "layer_reference")
 
 
 def phase_check(bench, phase_deadline, n=None, Gs=(16, 4, 1)):
@@ -1378,7 +1381,7 @@ def parse_args(argv):
     p.add_argument("--rotate", type=int, default=3, help="independent input sets cycled through")
     p.add_argument("--H", type=int, default=CONFIG["H"])
     p.add_argument("--flex-timeout", type=int, default=None, help="seconds for flex's first compile")
-    p.add_argument("--layer-ref-max-n", type=int, default=8192,
+    p.add_argument("--layer-ref-max-n", type=int, default=4096,
                    help="largest n for the all-reference layer row")
     p.add_argument("--check-n", type=int, default=2048, help="n of the correctness check")
     p.add_argument("--rep-ms", type=float, default=None, help="do_bench rep (ms; default 200, quick 80)")
