@@ -51,6 +51,10 @@ def _demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every option (and -h) belongs to benchmarks/bench.py, in order
+        rest = argv[1:]
+        return _bench(argparse.Namespace(rest=rest[1:] if rest[:1] == ["--"] else rest))
     parser = argparse.ArgumentParser(prog="python -m nsa_codegen")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("generate", help="render the default variant grid into generated/").set_defaults(fn=_generate)
