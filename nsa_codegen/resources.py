@@ -13,6 +13,16 @@ Model (per program; operands of tl.dot are staged through shared memory, accumul
   backward smem = S * 2*BN*D*B + 2*BM*D*B (Q, dO) + 2*BM*BN*B (P^T, dS^T)
   forward  regs/thread = (BM*D + 3*BM*BN + BM*D*B/4) / (32 W) + 32
   backward regs/thread = (BM*D + 2*BN*D + 5*BM*BN + 2*BM*D*B/4) / (32 W) + 40
+
+Against the compiled kernels (H200, Triton 3.6, bf16, d = 128, l' = 64, BM = 16, BN = 64; committed bench
+benchmarks/results/bench_nvidia-h200_20261129T090045Z.json) the shared-memory model is conservative:
+the forward compiles to 22,528 / 38,912 / 71,680 B at 1 / 2 / 3 stages (model 38,912 / 71,680 /
+104,448), which decomposes exactly as Q + P + K alone at 1 stage and Q + P + (stages - 1) x (K + V)
+buffers above; the backward's query-major kernel is 43,008 B at 2 stages (model 77,824) = Q + dO +
+K + V + dS. Registers are under-predicted (forward 115-168 compiled vs 56-80 modelled; the dq kernel
+128-210 vs 240; dkv_kernel 255 with up to 28 spills vs 328): the model omits address arithmetic of the
+gathered tiles and Triton's fixed overhead. The pruning keeps the conservative shared-memory formula
+until a corrected one has been checked on a GPU (a smaller estimate would keep configs never compiled).
 """
 from __future__ import annotations
 
