@@ -8,6 +8,11 @@ if [ -d .whl ]; then
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 NSA_CODEGEN_CACHE=/tmp/nsa_cache
+# per-case worst errors: select tests -> $OUT/select_errors.jsonl, window/compressed -> $OUT/dense_kernels_gpu.jsonl
+export NSA_ERR_LOG="${NSA_ERR_LOG:-$OUT/select_errors.jsonl}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_lane.xml" "$@" 2>&1 | tee "$OUT/gpu_lane.log" | tail -40
+rc=${PIPESTATUS[0]}
+if [ -s "$NSA_ERR_LOG" ]; then python3 scripts/summarize_err_log.py "$NSA_ERR_LOG" | tail -20; fi
+exit "$rc"
