@@ -23,10 +23,10 @@ import torch
 import triton
 
 from . import cache, dispatch, tuning
-
-HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 16, 256, 8
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INDEX_DTYPES = (torch.int32, torch.int64)
+from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE, INDEX_DTYPES  # noqa: F401
+from .checks import (require_bool, require_float, require_head_dim, require_heads, require_index_dtype,
+                     require_last_dim_contiguous, require_one_device, require_positive_int, require_same_dtype,
+                     require_same_shape, require_scale, require_tensors)
 
 
 def _interpreting() -> bool:
@@ -42,37 +42,20 @@ def check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, sca
     named = {"q": q, "k": k, "v": v, "block_idx": block_idx, "block_valid": block_valid}
     if gates is not None:
         named["gates"] = gates
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    require_tensors(**named)
     for name in ("q", "k", "v"):
-        t = named[name]
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} dtype must be one of float16, bfloat16, float32; got {t.dtype}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"all tensors must be on one device, got {devices}")
+        require_float(name, named[name])
+        require_last_dim_contiguous(name, named[name])
+    require_same_dtype(q=q, k=k, v=v)
+    require_one_device(named)
     b, n, h, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    require_same_shape("k", k, "v", v)
     if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
         raise ValueError(f"k/v shape {tuple(k.shape)} must be (b, n, K, d) = ({b}, {n}, K, {d}) to match q")
     kh = k.shape[2]
-    if kh < 1 or h % kh != 0:
-        raise ValueError(f"query heads H={h} must be a multiple of kv heads K={kh} (mismatched heads)")
-    if not (HEAD_DIM_MIN <= d <= HEAD_DIM_MAX and d % HEAD_DIM_MULTIPLE == 0):
-        raise ValueError(
-            f"unsupported head dim d={d}: supported are multiples of {HEAD_DIM_MULTIPLE} in "
-            f"[{HEAD_DIM_MIN}, {HEAD_DIM_MAX}] (e.g. 16, 32, 64, 128, 256)"
-        )
-    if block_idx.dtype not in INDEX_DTYPES:
-        raise TypeError(f"block_idx dtype must be torch.int32 or torch.int64, got {block_idx.dtype}")
+    require_heads(h, kh)
+    require_head_dim(d)
+    require_index_dtype("block_idx", block_idx)
     if block_valid.dtype != torch.bool:
         raise TypeError(f"block_valid dtype must be torch.bool, got {block_valid.dtype}")
     sel_shape = tuple(block_idx.shape)
@@ -86,14 +69,10 @@ def check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, sca
     if gates is not None:
         if tuple(gates.shape) != sel_shape:
             raise ValueError(f"gates shape {tuple(gates.shape)} must equal block_idx shape {sel_shape}")
-        if gates.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"gates dtype must be one of float16, bfloat16, float32; got {gates.dtype}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+        require_float("gates", gates)
+    require_positive_int("block_size", block_size)
+    require_bool("causal", causal, note="")
+    require_scale(scale)
 
 
 def _check_launch_device(q) -> None:
@@ -187,8 +166,10 @@ def dkv_schedule(block_idx, block_valid, n: int, block_size: int, causal: bool, 
     dev = block_idx.device
     blk = block_idx.permute(0, 2, 1, 3).reshape(bh, n * kk)
     ok = block_valid.permute(0, 2, 1, 3).reshape(bh, n * kk) & (blk >= 0) & (blk < num_blocks)
-    key = torch.where(ok, blk, num_blocks).to(torch.int64)  # invalid -> sentinel bucket, sorted last
+    # invalid -> sentinel bucket, sorted last; int32 keys: a GPU radix sort passes over half the bits of int64
+    key = torch.where(ok, blk, num_blocks).to(torch.int32)
     entries = torch.argsort(key, dim=1).to(torch.int32)
+    key = key.long()
     counts = torch.zeros((bh, num_blocks + 1), device=dev, dtype=torch.int64)
     counts.scatter_add_(1, key, torch.ones_like(key))
     counts = counts[:, :num_blocks]
