@@ -26,13 +26,11 @@ from .ops_window import (
     _no_wrap,
     dense_attention_backward,
     check_attention_tensors,
-    check_flag,
-    check_int,
     check_launch,
     check_saved,
-    check_scale,
     launch_config,
 )
+from .checks import require_bool, require_int, require_scale
 from .dispatch import head_group
 from .spec import VariantSpec
 
@@ -43,18 +41,18 @@ from .spec import VariantSpec
 def check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset=0) -> None:
     """Raise ValueError / TypeError naming the offending argument and the allowed values."""
     check_attention_tensors(q, ck, cv, "ck", "cv")
-    check_int("num_mem", num_mem, 1)
+    require_int("num_mem", num_mem, 1)
     if num_mem > ck.shape[1]:
         raise ValueError(
             f"num_mem={num_mem} exceeds the {ck.shape[1]} rows of ck/cv (b, M + C, K, d): memory rows come first"
         )
-    check_int("block_size", block_size, 1)
-    check_int("stride", stride, 1)
+    require_int("block_size", block_size, 1)
+    require_int("stride", stride, 1)
     if stride > block_size:
         raise ValueError(f"stride must satisfy 0 < stride <= block_size={block_size}, got {stride}")
-    check_flag("causal", causal)
-    check_scale(scale)
-    check_int("query_offset", query_offset, 0)
+    require_bool("causal", causal)
+    require_scale(scale, note=" (e.g. d ** -0.5)")
+    require_int("query_offset", query_offset, 0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,12 +34,13 @@ import torch
 import triton
 
 from . import cache
+from .checks import FLOAT_DTYPES, HEAD_DIM_MAX  # noqa: F401
+from .checks import (is_int, require_4d, require_bool, require_float, require_heads, require_int,
+                     require_positive_int, require_same_device, require_same_dtype, require_scale, require_tensor)
 from .dispatch import head_group
 from .reference import selection_mapping  # one rule for (a)/(b)/(c), shared with the oracle
 from .spec import VariantSpec
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIM_MAX = 256
 # Tests set this to True: outputs are filled with poison (NaN, index -7) before every launch so that a
 # test can check every element was written.
 POISON_OUTPUTS = False
@@ -53,10 +54,6 @@ def _pow2(x: int) -> int:
     return 1 << (max(1, x) - 1).bit_length()
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 # ----------------------------------------------------------------------------------------------------
 # validation (before any launch)
 
@@ -65,45 +62,32 @@ def check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_si
                  share, scale, interpolated=False, query_offset=0) -> dict:
     """Raise ValueError / TypeError naming the offending argument and the allowed values; returns the
     derived sizes (b, n, H, d, K, M, C, G, Hs, mapping, R, U, kk)."""
-    for name, t in (("q", q), ("ck", ck)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D ({'(b, n, H, d)' if name == 'q' else '(b, M + C, K, d)'}), "
-                             f"got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} dtype must be one of float16, bfloat16, float32; got {t.dtype}")
-    if q.dtype != ck.dtype:
-        raise TypeError(f"q and ck must share one dtype, got {q.dtype} and {ck.dtype}")
-    if q.device != ck.device:
-        raise ValueError(f"q and ck must be on one device, got {q.device} and {ck.device}")
+    for name, t, layout in (("q", q, "(b, n, H, d)"), ("ck", ck, "(b, M + C, K, d)")):
+        require_tensor(name, t)
+        require_4d(name, t, layout)
+        require_float(name, t)
+    require_same_dtype(q=q, ck=ck)
+    require_same_device(q=q, ck=ck)
     b, n, H, d = q.shape
     if ck.shape[0] != b or ck.shape[3] != d:
         raise ValueError(f"ck shape {tuple(ck.shape)} must be (b, M + C, K, d) = ({b}, M + C, K, {d}) to match q")
     K = ck.shape[2]
-    if K < 1 or H % K != 0:
-        raise ValueError(f"query heads H={H} must be a multiple of kv heads K={K} (ck.shape[2])")
+    require_heads(H, K, note="ck.shape[2]")
     if n < 1:
         raise ValueError(f"q must hold at least one token (n >= 1), got n={n}")
     if not 1 <= d <= HEAD_DIM_MAX:
         raise ValueError(f"unsupported head dim d={d}: supported are 1..{HEAD_DIM_MAX}")
-    if not _is_int(num_mem) or not 0 <= num_mem <= ck.shape[1]:
+    if not is_int(num_mem) or not 0 <= num_mem <= ck.shape[1]:
         raise ValueError(f"num_mem must be an int in [0, ck.shape[1] = {ck.shape[1]}], got {num_mem!r}")
-    if not _is_int(stride) or stride < 1:
-        raise ValueError(f"stride must be a positive int, got {stride!r}")
-    if not _is_int(compress_block_size) or compress_block_size < stride:
+    require_positive_int("stride", stride)
+    if not is_int(compress_block_size) or compress_block_size < stride:
         raise ValueError(f"compress_block_size must be an int >= stride ({stride}), got {compress_block_size!r}")
-    if not _is_int(selection_block_size) or selection_block_size < 1:
-        raise ValueError(f"selection_block_size must be a positive int, got {selection_block_size!r}")
-    if not _is_int(num_selected) or num_selected < 0:
-        raise ValueError(f"num_selected must be an int >= 0, got {num_selected!r}")
-    if not _is_int(query_offset) or query_offset < 0:
-        raise ValueError(f"query_offset must be an int >= 0, got {query_offset!r}")
+    require_positive_int("selection_block_size", selection_block_size)
+    require_int("num_selected", num_selected, 0)
+    require_int("query_offset", query_offset, 0)
     for name, flag in (("causal", causal), ("share", share), ("interpolated", interpolated)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool (True or False), got {flag!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+        require_bool(name, flag)
+    require_scale(scale)
     C = ck.shape[1] - num_mem
     G = H // K
     mapping = selection_mapping(stride, selection_block_size, interpolated)

@@ -1,0 +1,118 @@
+"""Shared argument checks for the ops modules (ops, ops_window, ops_compressed, ops_topk).
+
+Each function raises TypeError / ValueError naming the offending argument and the allowed values; the
+message texts are the ones the ops modules always raised (tests match words in them). Checks that only
+one family needs (selection shapes, num_mem bounds, ...) stay in that family's module.
+"""
+from __future__ import annotations
+
+import torch
+
+HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 16, 256, 8
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _names_and(names) -> str:
+    """'q and ck' for two names, 'q, k, v' for more."""
+    return " and ".join(names) if len(names) == 2 else ", ".join(names)
+
+
+def require_tensors(layout: str = "", **named) -> None:
+    """Each value a torch.Tensor with 4 dims; `layout` (e.g. '(b, n, heads, d)') goes into the message."""
+    for name, t in named.items():
+        require_tensor(name, t)
+        require_4d(name, t, layout)
+
+
+def require_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def require_4d(name: str, t, layout: str = "") -> None:
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D{f' ({layout})' if layout else ''}, got shape {tuple(t.shape)}")
+
+
+def require_float(name: str, t) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} dtype must be one of float16, bfloat16, float32; got {t.dtype}")
+
+
+def require_index_dtype(name: str, t) -> None:
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} dtype must be torch.int32 or torch.int64, got {t.dtype}")
+
+
+def require_last_dim_contiguous(name: str, t, allow_size_one: bool = False) -> None:
+    """stride(-1) == 1; with allow_size_one a last dim of size <= 1 passes whatever its stride."""
+    if allow_size_one and t.shape[-1] <= 1:
+        return
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+
+
+def require_same_dtype(**named) -> None:
+    dtypes = [t.dtype for t in named.values()]
+    if any(dt != dtypes[0] for dt in dtypes):
+        raise TypeError(f"{_names_and(list(named))} must share one dtype, got {_names_and([str(x) for x in dtypes])}")
+
+
+def require_same_device(**named) -> None:
+    devices = [t.device for t in named.values()]
+    if any(dev != devices[0] for dev in devices):
+        raise ValueError(f"{_names_and(list(named))} must be on one device, got {_names_and([str(x) for x in devices])}")
+
+
+def require_one_device(named: dict) -> None:
+    """Like require_same_device, but the message lists the devices as a {name: device} dict."""
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+
+
+def require_same_shape(a_name: str, a, b_name: str, b) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} and {b_name} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def require_heads(h: int, kh: int, note: str = "mismatched heads") -> None:
+    """H query heads a multiple of K >= 1 kv heads."""
+    if kh < 1 or h % kh != 0:
+        raise ValueError(f"query heads H={h} must be a multiple of kv heads K={kh} ({note})")
+
+
+def require_head_dim(d: int) -> None:
+    """The dense kernels' head dims: multiples of HEAD_DIM_MULTIPLE in [HEAD_DIM_MIN, HEAD_DIM_MAX]."""
+    if not (HEAD_DIM_MIN <= d <= HEAD_DIM_MAX and d % HEAD_DIM_MULTIPLE == 0):
+        raise ValueError(
+            f"unsupported head dim d={d}: supported are multiples of {HEAD_DIM_MULTIPLE} in "
+            f"[{HEAD_DIM_MIN}, {HEAD_DIM_MAX}] (e.g. 16, 32, 64, 128, 256)"
+        )
+
+
+def is_int(x) -> bool:
+    """A Python int that is not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def require_int(name: str, value, minimum: int) -> None:
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def require_positive_int(name: str, value) -> None:
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def require_bool(name: str, value, note: str = " (True or False)") -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool{note}, got {value!r}")
+
+
+def require_scale(scale, note: str = "") -> None:
+    """A Python int or float (not a bool); `note` follows 'a Python float' in the message."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float{note}, got {type(scale).__name__}")
