@@ -25,11 +25,13 @@ import torch
 import triton
 
 from . import cache
+from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE  # noqa: F401
+from .checks import (require_bool, require_float, require_head_dim, require_heads, require_int,
+                     require_last_dim_contiguous, require_same_device, require_same_dtype, require_same_shape,
+                     require_scale, require_tensor, require_4d)
 from .dispatch import head_group
 from .spec import VariantSpec
 
-HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 16, 256, 8
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GROUP = 128  # the largest BLOCK_M of the tile configs: a tile holds whole groups
 
 
@@ -49,57 +51,29 @@ def check_attention_tensors(q, k, v, k_name: str = "k", v_name: str = "v") -> No
     """q (b, n_q, H, d); k, v (b, n_k, K, d); float dtypes, one device, contiguous last dims."""
     named = {"q": q, k_name: k, v_name: v}
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (b, n, heads, d), got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} dtype must be one of float16, bfloat16, float32; got {t.dtype}")
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, {k_name}, {v_name} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, {k_name}, {v_name} must be on one device, got {q.device}, {k.device}, {v.device}")
+        require_tensor(name, t)
+        require_4d(name, t, "b, n, heads, d")
+        require_float(name, t)
+        require_last_dim_contiguous(name, t, allow_size_one=True)
+    require_same_dtype(**named)
+    require_same_device(**named)
     b, _, h, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"{k_name} and {v_name} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    require_same_shape(k_name, k, v_name, v)
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(
             f"{k_name}/{v_name} shape {tuple(k.shape)} must be (b, n, K, d) = ({b}, n, K, {d}) to match q"
         )
-    kh = k.shape[2]
-    if kh < 1 or h % kh != 0:
-        raise ValueError(f"query heads H={h} must be a multiple of kv heads K={kh} (mismatched heads)")
-    if not (HEAD_DIM_MIN <= d <= HEAD_DIM_MAX and d % HEAD_DIM_MULTIPLE == 0):
-        raise ValueError(
-            f"unsupported head dim d={d}: supported are multiples of {HEAD_DIM_MULTIPLE} in "
-            f"[{HEAD_DIM_MIN}, {HEAD_DIM_MAX}] (e.g. 16, 32, 64, 128, 256)"
-        )
-
-
-def check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
-
-
-def check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def check_scale(scale) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float (e.g. d ** -0.5), got {type(scale).__name__}")
+    require_heads(h, k.shape[2])
+    require_head_dim(d)
 
 
 def check_inputs(q, k, v, window, causal, scale, query_offset=0) -> None:
     """Raise ValueError / TypeError naming the offending argument and the allowed values."""
     check_attention_tensors(q, k, v)
-    check_int("window", window, 0)
-    check_flag("causal", causal)
-    check_scale(scale)
-    check_int("query_offset", query_offset, 0)
+    require_int("window", window, 0)
+    require_bool("causal", causal)
+    require_scale(scale, note=" (e.g. d ** -0.5)")
+    require_int("query_offset", query_offset, 0)
 
 
 def check_launch(q, k) -> None:
