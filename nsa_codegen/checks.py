@@ -116,3 +116,28 @@ def require_scale(scale, note: str = "") -> None:
     """A Python int or float (not a bool); `note` follows 'a Python float' in the message."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python float{note}, got {type(scale).__name__}")
+
+
+INT32_OFFSET_LIMIT = 2 ** 31
+
+
+def require_int32_extent(family: str, **named) -> None:
+    """The select / window / compressed kernels address one batch element with int32 offsets (only the
+    batch offset is int64): the elements a tensor spans within one batch element, and its contiguous
+    gradient buffer, must stay below 2**31. Metadata only (shapes and strides; symbolic sizes under
+    torch.compile become guards, not specializations)."""
+    for name, t in named.items():
+        if t is None or t.numel() == 0:
+            continue
+        dims = list(zip(t.shape[1:], t.stride()[1:]))
+        extent = 1
+        for size, _ in dims:
+            extent = extent * size
+        spanned = sum((size - 1) * abs(stride) for size, stride in dims) + 1
+        if extent >= INT32_OFFSET_LIMIT or spanned >= INT32_OFFSET_LIMIT:
+            raise ValueError(
+                f"{name} of shape {tuple(t.shape)} and strides {tuple(t.stride())} spans "
+                f"{max(extent, spanned)} elements per batch element: the {family} kernels use int32 offsets "
+                f"within a batch element (limit 2**31); split the sequence or the heads across calls"
+            )
+

@@ -25,8 +25,8 @@ import triton
 from . import cache, dispatch, tuning
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE, INDEX_DTYPES  # noqa: F401
 from .checks import (require_bool, require_float, require_head_dim, require_heads, require_index_dtype,
-                     require_last_dim_contiguous, require_one_device, require_positive_int, require_same_dtype,
-                     require_same_shape, require_scale, require_tensors)
+                     require_int32_extent, require_last_dim_contiguous, require_one_device, require_positive_int,
+                     require_same_dtype, require_same_shape, require_scale, require_tensors)
 
 
 def _interpreting() -> bool:
@@ -81,6 +81,11 @@ def _check_launch_device(q) -> None:
             f"the Triton launchers need CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}; "
             "use nsa_codegen.ops.selected_attention, which runs the reference on CPU"
         )
+
+
+def _check_kernel_limits(q, k, v, block_idx) -> None:
+    """What only the kernels (not the reference) need beyond the device."""
+    require_int32_extent("selected-attention", q=q, k=k, v=v, block_idx=block_idx)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,17 +169,20 @@ def dkv_schedule(block_idx, block_valid, n: int, block_size: int, causal: bool, 
     bh = b * hs
     num_blocks = -(-n // block_size)
     dev = block_idx.device
-    blk = block_idx.permute(0, 2, 1, 3).reshape(bh, n * kk)
-    ok = block_valid.permute(0, 2, 1, 3).reshape(bh, n * kk) & (blk >= 0) & (blk < num_blocks)
-    # invalid -> sentinel bucket, sorted last; int32 keys: a GPU radix sort passes over half the bits of int64
-    key = torch.where(ok, blk, num_blocks).to(torch.int32)
-    entries = torch.argsort(key, dim=1).to(torch.int32)
-    key = key.long()
-    counts = torch.zeros((bh, num_blocks + 1), device=dev, dtype=torch.int64)
-    counts.scatter_add_(1, key, torch.ones_like(key))
-    counts = counts[:, :num_blocks]
-    entry_end = counts.cumsum(1)
-    entry_start = entry_end - counts
+    # int32 keys (a GPU radix sort passes over half the bits of int64); invalid or out-of-range ids go to
+    # the sentinel bucket num_blocks, sorted last; the range test runs on the original dtype, before the cast
+    live_entry = block_valid & (block_idx >= 0) & (block_idx < num_blocks)
+    key = block_idx.to(torch.int32, copy=True).masked_fill_(~live_entry, num_blocks)  # never the caller's tensor
+    del live_entry
+    key = key.permute(0, 2, 1, 3).reshape(bh, n * kk)
+    # stable: tokens stay in ascending order within a block (locality of the q / dO gathers)
+    key, order = torch.sort(key, dim=1, stable=True)
+    entries = order.to(torch.int32)
+    del order
+    bounds = torch.searchsorted(key, torch.arange(num_blocks + 1, device=dev, dtype=torch.int32)
+                                .expand(bh, num_blocks + 1).contiguous())
+    entry_start, entry_end = bounds[:, :-1], bounds[:, 1:]
+    counts = entry_end - entry_start
     nseg = (counts + segment - 1) // segment
     if causal:
         nseg = nseg.clamp(min=1)
@@ -202,7 +210,8 @@ DKV_LAUNCH = {16: dict(num_warps=4, num_stages=1), 32: dict(num_warps=4, num_sta
 def _launch_dkv(module, wrap, q, k, v, g, g_strides, has_gates, dout, lse, delta, dk, dv, entries, segments, hs, kk,
                 scale, num_warps, num_stages):
     """dk, dv (fp32, zeroed) += the key-major backward over the inverted selection `dkv_schedule` made."""
-    b, n, h, d = (int(x) for x in q.shape)
+    b, n = q.shape[:2]  # may be symbolic under torch.compile(dynamic=True): not int()-specialized
+    h, d = int(q.shape[2]), int(q.shape[3])
     grid = (segments.shape[1], module.DKV_KEY_TILES, b * hs)
     wrap(module.dkv_kernel)[grid](
         q, k, v, g, dout, lse, delta, dk, dv, entries, segments,
@@ -272,6 +281,7 @@ def selected_attention_fwd_launch(q, k, v, block_idx, block_valid, gates=None, *
     last dim) and `lse` ((b, n, H) float32) may be given preallocated."""
     check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
     _check_launch_device(q)
+    _check_kernel_limits(q, k, v, block_idx)
     b, n, h, d = q.shape
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
         raise ValueError(f"out must have q's shape {tuple(q.shape)}, dtype {q.dtype} and a contiguous last dim")
@@ -285,6 +295,7 @@ def selected_attention_bwd_launch(q, k, v, block_idx, block_valid, gates, out, l
     """Launch the backward kernel; returns (dq, dk, dv, dgates) (dgates is an empty tensor without gates)."""
     check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
     _check_launch_device(q)
+    _check_kernel_limits(q, k, v, block_idx)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"out and dout must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}, {tuple(dout.shape)}")
     if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
@@ -430,6 +441,7 @@ def selected_attention(q, k, v, block_idx, block_valid, gates=None, *, block_siz
 
         return reference.selected_attention(q, k, v, block_idx, block_valid, gates, block_size=block_size,
                                             causal=causal, scale=scale)
+    _check_kernel_limits(q, k, v, block_idx)
     out, _ = torch.ops.nsa.selected_attention(q, k, v, block_idx, block_valid, gates, block_size, causal,
                                               float(scale))
     return out

@@ -28,7 +28,7 @@ from . import cache
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE  # noqa: F401
 from .checks import (require_bool, require_float, require_head_dim, require_heads, require_int,
                      require_last_dim_contiguous, require_same_device, require_same_dtype, require_same_shape,
-                     require_scale, require_tensor, require_4d)
+                     require_scale, require_tensor, require_4d, require_int32_extent)
 from .dispatch import head_group
 from .spec import VariantSpec
 
@@ -86,6 +86,7 @@ def check_launch(q, k) -> None:
     group = head_group(q, k)
     if group > MAX_GROUP:
         raise ValueError(f"G = H // K = {group} query heads per kv head: the kernels support G <= {MAX_GROUP}")
+    require_int32_extent("sliding-window / compressed", q=q, k=k)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,7 +34,11 @@ def _selection(b, n, hs, kk, block_size, causal, seed):
 def test_schedule_covers_every_valid_entry_once(n, block_size, kk, segment, causal):
     b, hs = 2, 3
     idx, valid = _selection(b, n, hs, kk, block_size, causal, seed=n + kk)
+    if segment == 3:
+        idx = idx.to(torch.int32)  # int32 indices too; and the caller's tensors are never written
+    before = idx.clone(), valid.clone()
     entries, segments = ops.dkv_schedule(idx, valid, n, block_size, causal, segment)
+    assert torch.equal(idx, before[0]) and torch.equal(valid, before[1])
     nblk = -(-n // block_size)
     assert entries.dtype == segments.dtype == torch.int32
     assert segments.shape == (b * hs, -(-(n * kk) // segment) + nblk, 4)
@@ -98,3 +102,30 @@ def test_dkv_kernel_with_one_entry_segments(block_size, H, K, shared, causal):
     ref_dk, ref_dv = torch.autograd.grad(o, (kr, vr), dout)
     torch.testing.assert_close(dk, ref_dk, rtol=1e-4, atol=1e-4 * ref_dk.abs().max().item())
     torch.testing.assert_close(dv, ref_dv, rtol=1e-4, atol=1e-4 * ref_dv.abs().max().item())
+
+
+@pytest.mark.parametrize("which", ["q_stride", "k_shape"])
+def test_kernels_refuse_int32_overflowing_extents(which):
+    """Offsets within a batch element are int32 in the select / window / compressed kernels: a tensor
+    spanning 2**31 elements per batch element is refused before any launch (meta tensors: no memory)."""
+    from nsa_codegen import checks, ops_window
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("meta tensors reach the launch checks only under the interpreter")
+    n, H, K, d, l = 4, 2, 1, 16, 4
+    meta = dict(device="meta", dtype=torch.float32)
+    if which == "q_stride":  # a view whose token stride is 2**30 elements (e.g. inside a huge fused buffer)
+        q = torch.empty_strided((1, n, H, d), (n * 2 ** 30, 2 ** 30, d, 1), **meta)
+        k = torch.empty((1, n, K, d), **meta)
+    else:  # n * K * d >= 2**31
+        n = 2 ** 31 // (K * d)
+        q = torch.empty((1, n, K, d), **meta)
+        k = torch.empty((1, n, K, d), **meta)
+    v = torch.empty_like(k)
+    idx = torch.zeros((1, q.shape[1], K, 1), dtype=torch.int64, device="meta")
+    valid = torch.ones((1, q.shape[1], K, 1), dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="int32 offsets"):
+        ops.selected_attention_fwd_launch(q, k, v, idx, valid, block_size=l, causal=True, scale=0.25)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        ops_window.check_launch(q, k)
+    checks.require_int32_extent("x", ok=torch.empty((2, 8, 4, 16), **meta))  # small: accepted
