@@ -129,8 +129,16 @@ def _no_wrap(kernel):
     return kernel
 
 
+def _in_range(block_idx, block_valid, n, block_size):
+    """block_valid without the slots whose id lies outside [0, cdiv(n, l')): outside the contract (the
+    top-k never makes them), and a kernel would read outside K / V for them. One elementwise pass on the
+    device, no sync; the reference clamps such ids instead (documented in docs/interfaces.md)."""
+    return block_valid & (block_idx >= 0) & (block_idx < -(-n // block_size))
+
+
 def _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, wrap, module=None, out=None, lse=None):
     b, n = q.shape[:2]
+    block_valid = _in_range(block_idx, block_valid, n, block_size)
     h, d, kh = int(q.shape[2]), int(q.shape[3]), int(k.shape[2])  # structural: specialize symbolic sizes
     hs, kk = int(block_idx.shape[2]), int(block_idx.shape[3])
     if module is None:
@@ -227,6 +235,7 @@ def _launch_dkv(module, wrap, q, k, v, g, g_strides, has_gates, dout, lse, delta
 def _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale, wrap, module=None,
          dq=None):
     b, n = q.shape[:2]
+    block_valid = _in_range(block_idx, block_valid, n, block_size)
     h, d, kh = int(q.shape[2]), int(q.shape[3]), int(k.shape[2])  # structural: specialize symbolic sizes
     hs, kk = int(block_idx.shape[2]), int(block_idx.shape[3])
     if module is None:

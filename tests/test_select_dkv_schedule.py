@@ -129,3 +129,56 @@ def test_kernels_refuse_int32_overflowing_extents(which):
     with pytest.raises(ValueError, match="int32 offsets"):
         ops_window.check_launch(q, k)
     checks.require_int32_extent("x", ok=torch.empty((2, 8, 4, 16), **meta))  # small: accepted
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not CUDA, reason="needs the interpreter or CUDA")
+@pytest.mark.parametrize("block_size,H,K,shared", [(16, 16, 1, True), (8, 4, 2, False), (4, 8, 1, True)])
+def test_out_of_range_valid_ids_are_ignored_not_read(block_size, H, K, shared):
+    """Valid slots holding ids outside [0, cdiv(n, l')) (outside the contract) must not make a kernel
+    read outside K / V: they count as invalid, forward and backward."""
+    dev = "cuda" if CUDA else "cpu"
+    n, d, kk = 45, 32, 3
+    inp = make_inputs(n=n, H=H, K=K, d=d, block_size=block_size, kk=kk, shared=shared, causal=True,
+                      dtype=torch.float32, device=dev, seed=3)
+    q, k, v, idx, valid, g = (inp[x] for x in ("q", "k", "v", "block_idx", "block_valid", "gates"))
+    bad = torch.zeros_like(valid)
+    bad[:, 20:, :, 0] = True  # slot 0 of every later token: -3 or far past the end, marked valid
+    idx = torch.where(bad, torch.where(torch.arange(n, device=dev)[None, :, None, None] % 2 == 0, -3, 10 ** 6), idx)
+    valid_bad = valid | bad
+    kw = dict(block_size=block_size, causal=True, scale=d ** -0.5)
+    out, lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid_bad, g, **kw)
+    dout = torch.randn_like(out)
+    grads = ops.selected_attention_bwd_launch(q, k, v, idx, valid_bad, g, out, lse, dout, **kw)
+    qr, kr, vr, gr = (t.detach().requires_grad_() for t in (q, k, v, g))
+    ref = reference.selected_attention(qr, kr, vr, torch.where(bad, 0, idx), valid & ~bad, gr, **kw)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr, gr), dout)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for name, got, want in zip(("dq", "dk", "dv", "dgates"), grads, ref_grads):
+        if name == "dgates":
+            got, want = got.masked_fill(bad, 0), want.masked_fill(bad, 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=name)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not CUDA, reason="needs the interpreter or CUDA")
+def test_duplicate_valid_ids_stay_inside_their_row():
+    """A duplicated valid id in one token's row is outside the contract (results for that token are
+    undefined), but the packed backward must not write another token's d(gates): it used to store to
+    the sum of the matching slots (slots 2 + 3 -> slot 5, past a row of 4)."""
+    dev = "cuda" if CUDA else "cpu"
+    n, d, kk, l, t = 64, 32, 4, 8, 41
+    inp = make_inputs(n=n, H=8, K=2, d=d, block_size=l, kk=kk, causal=True, dtype=torch.float32, device=dev,
+                      seed=11, p_valid=1.0)
+    q, k, v, idx, valid, g = (inp[x] for x in ("q", "k", "v", "block_idx", "block_valid", "gates"))
+    kw = dict(block_size=l, causal=True, scale=d ** -0.5)
+    dup = idx.clone()
+    dup[0, t, :, 3] = dup[0, t, :, 2]  # slots 2 and 3 of token t: the same block, both valid
+    clean_valid = valid.clone()
+    clean_valid[0, t, :, 3] = False
+    results = []
+    for ids, ok in ((dup, valid), (dup, clean_valid)):
+        out, lse = ops.selected_attention_fwd_launch(q, k, v, ids, ok, g, **kw)
+        dout = torch.ones_like(out)
+        results.append(ops.selected_attention_bwd_launch(q, k, v, ids, ok, g, out, lse, dout, **kw)[3])
+    others = torch.ones(n, dtype=torch.bool, device=dev)
+    others[t] = False
+    torch.testing.assert_close(results[0][:, others], results[1][:, others], rtol=1e-5, atol=1e-6)

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_bwd_bs8_g2_causal
 # spec: {"block_size": 8, "causal": true, "family": "select_bwd", "group": 2}
-# template_sha256: f3008f062658eab2aea502709e520e00c10fcc93aaf05bfbadb04fc82443454c
+# template_sha256: 0edc05330173578c7c82fccdf3c85ca98a13568fccd159bda8459499b22b31b0
 # configs kept (6):
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -149,7 +149,10 @@ def kernel(
                 if HAS_GATES:
                     # per token: sum over its heads; each (token, slot) is visited exactly once
                     dg_tok = tl.sum(tl.reshape(tl.sum(ds * qk, 1), (8, 2)), 1) * scale
-                    slot_r = tl.sum(tl.where(match, offs_s[None, :], 0), 1)
+                    # first matching slot (a duplicate id in one row, outside the contract, must not
+                    # turn into a slot past the row); -1 for rows without a match
+                    slot_r = tl.min(tl.where(match, offs_s[None, :], KK_PAD), 1)
+                    slot_r = tl.where(slot_r < KK_PAD, slot_r, -1)
                     slot_tok = tl.max(tl.reshape(slot_r, (8, 2)), 1)
                     sel_tok = tl.max(tl.reshape(row_sel.to(tl.int32), (8, 2)), 1) > 0
                     tl.store(DG + b * stride_dgb + tile_tok * stride_dgn + hs * stride_dgh + slot_tok * stride_dgs,
