@@ -141,3 +141,18 @@ def require_int32_extent(family: str, **named) -> None:
                 f"within a batch element (limit 2**31); split the sequence or the heads across calls"
             )
 
+
+def alert_not_deterministic(op: str, why: str) -> None:
+    """PyTorch's convention for a nondeterministic backward: under torch.use_deterministic_algorithms(True)
+    raise (or warn with warn_only=True), naming the op and why its result depends on scheduling."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"{op} is not deterministic: {why}. You enabled torch.use_deterministic_algorithms(True); "
+               "pass warn_only=True to allow it with a warning")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+

@@ -24,9 +24,9 @@ import triton
 
 from . import cache, dispatch, tuning
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE, INDEX_DTYPES  # noqa: F401
-from .checks import (require_bool, require_float, require_head_dim, require_heads, require_index_dtype,
-                     require_int32_extent, require_last_dim_contiguous, require_one_device, require_positive_int,
-                     require_same_dtype, require_same_shape, require_scale, require_tensors)
+from .checks import (alert_not_deterministic, require_bool, require_float, require_head_dim, require_heads,
+                     require_index_dtype, require_int32_extent, require_last_dim_contiguous, require_one_device,
+                     require_positive_int, require_same_dtype, require_same_shape, require_scale, require_tensors)
 
 
 def _interpreting() -> bool:
@@ -234,6 +234,8 @@ def _launch_dkv(module, wrap, q, k, v, g, g_strides, has_gates, dout, lse, delta
 
 def _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale, wrap, module=None,
          dq=None):
+    alert_not_deterministic("nsa::selected_attention backward", "dk and dv add partial sums of several programs "
+                            "with fp32 atomics (segments of one key block, selection heads of one kv head)")
     b, n = q.shape[:2]
     block_valid = _in_range(block_idx, block_valid, n, block_size)
     h, d, kh = int(q.shape[2]), int(q.shape[3]), int(k.shape[2])  # structural: specialize symbolic sizes

@@ -35,8 +35,8 @@ import triton
 
 from . import cache
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX  # noqa: F401
-from .checks import (is_int, require_4d, require_bool, require_float, require_heads, require_int,
-                     require_positive_int, require_same_device, require_same_dtype, require_scale, require_tensor)
+from .checks import (alert_not_deterministic, is_int, require_4d, require_bool, require_float, require_heads,
+                     require_int, require_positive_int, require_same_device, require_same_dtype, require_scale, require_tensor)
 from .dispatch import head_group
 from .reference import selection_mapping  # one rule for (a)/(b)/(c), shared with the oracle
 from .spec import VariantSpec
@@ -190,6 +190,8 @@ def _bwd(q, ck, idx, val, lse, grad_values, info, num_mem, selection_block_size,
     Hs, kk = info["Hs"], info["kk"]
     if kk == 0:
         return torch.zeros_like(q), torch.zeros_like(ck)
+    alert_not_deterministic("nsa::select_topk backward", "d(compressed keys) adds the rows of several programs "
+                            "with fp32 atomics")
     module = cache.load_variant(specs_for(q, ck, selection_block_size=selection_block_size, causal=causal,
                                           share=share)[1])
     d, kp = int(d), max(2, _pow2(int(kk)))  # constexprs: specialize (guard) on symbolic sizes

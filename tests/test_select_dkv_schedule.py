@@ -182,3 +182,24 @@ def test_duplicate_valid_ids_stay_inside_their_row():
     others = torch.ones(n, dtype=torch.bool, device=dev)
     others[t] = False
     torch.testing.assert_close(results[0][:, others], results[1][:, others], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not CUDA, reason="needs the interpreter or CUDA")
+def test_deterministic_mode_is_told_about_the_atomics():
+    """torch.use_deterministic_algorithms(True) raises for the selected backward (fp32 atomics in dk/dv),
+    warns with warn_only=True, as PyTorch's own nondeterministic kernels do."""
+    dev = "cuda" if CUDA else "cpu"
+    inp = make_inputs(n=20, H=2, K=1, d=16, block_size=4, kk=2, causal=True, dtype=torch.float32, device=dev)
+    q, k, v, idx, valid, g = (inp[x] for x in ("q", "k", "v", "block_idx", "block_valid", "gates"))
+    kw = dict(block_size=4, causal=True, scale=0.25)
+    out, lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="not deterministic.*atomics"):
+            ops.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, torch.ones_like(out), **kw)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="not deterministic"):
+            ops.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, torch.ones_like(out), **kw)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
