@@ -36,7 +36,8 @@ import triton
 from . import cache
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX  # noqa: F401
 from .checks import (alert_not_deterministic, is_int, require_4d, require_bool, require_float, require_heads,
-                     require_int, require_positive_int, require_same_device, require_same_dtype, require_scale, require_tensor)
+                     require_int, require_positive_int, require_same_device, require_same_dtype, require_scale,
+                     require_tensor)
 from .dispatch import head_group
 from .reference import selection_mapping  # one rule for (a)/(b)/(c), shared with the oracle
 from .spec import VariantSpec
