@@ -52,7 +52,8 @@ def _is_fresh(entry: Path, spec: VariantSpec) -> bool:
 
 
 @contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
+    """Exclusive inter-process lock on `path` (created if missing) for the duration of the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -66,7 +67,7 @@ def _render_into_cache(spec: VariantSpec) -> Path:
     entry = _entry_dir(spec)
     if _is_fresh(entry, spec):
         return entry / "kernel.py"
-    with _file_lock(cache_dir() / f".{spec.name}-{spec.key}.lock"):
+    with file_lock(cache_dir() / f".{spec.name}-{spec.key}.lock"):
         if _is_fresh(entry, spec):  # another process rendered it while we waited
             return entry / "kernel.py"
         entry.mkdir(parents=True, exist_ok=True)

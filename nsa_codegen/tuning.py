@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import hashlib
 import json
 import logging
@@ -46,6 +45,7 @@ import torch
 import triton
 
 from . import cache
+from .cache import file_lock
 
 TABLE_FORMAT = 1
 TABLE_NAME = "tuning.json"
@@ -254,17 +254,6 @@ def lookup(key: TuneKey, candidates) -> Optional[dict]:
     return _valid_entry(load_table().get(str(key)), candidates)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -283,7 +272,7 @@ def store(key: TuneKey, candidates, winner: dict, times_ms) -> dict:
     """Persist `winner` for `key` and return the config the table holds afterwards: under the lock the
     table is re-read; a valid entry another process wrote meanwhile wins (all processes agree)."""
     path = table_path()
-    with _file_lock(_lock_path()):
+    with file_lock(_lock_path()):
         entries = dict(_read_entries(path))
         theirs = _valid_entry(entries.get(str(key)), candidates)
         if theirs is not None:
