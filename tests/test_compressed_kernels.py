@@ -19,64 +19,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated kernel is imported
 
 from nsa_codegen import ops_compressed, ops_window, reference  # noqa: E402
+from dense_kernel_helpers import assert_close, gpu_report, make_inputs, poison  # noqa: E402,F401
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-
-def gpu_report(record: dict) -> None:
-    """GPU lane: append one JSON line per result to $NSA_TEST_REPORT_DIR (or $OUT) /dense_kernels_gpu.jsonl,
-    so the worst errors per family / dtype and the resource comparison survive pytest's capture."""
-    root = os.environ.get("NSA_TEST_REPORT_DIR") or os.environ.get("OUT")
-    if root:
-        import json
-
-        with open(os.path.join(root, "dense_kernels_gpu.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
 interpreter = pytest.mark.skipif(not INTERPRET, reason="interpreter lane (TRITON_INTERPRET=1, CPU)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 # ----------------------------------------------------------------------------------------------------
-# helpers
-
-
-def assert_close(name, got, ref32, ref_low, dtype):
-    """design.md: fp32 -> max|got - ref32| <= 1e-4 relative (unit floor); else
-    <= 2 * max|ref_low - ref32| + 1e-5. Prints the worst mismatch on failure."""
-    got, ref32 = got.float(), ref32.float()
-    assert not torch.isnan(got).any(), f"{name}: NaN in the output (an element left unwritten?)"
-    diff = (got - ref32).abs()
-    err = diff.max().item() if diff.numel() else 0.0
-    if dtype == torch.float32:
-        tol = 1e-4 * max(ref32.abs().max().item() if ref32.numel() else 0.0, 1.0)
-    else:
-        tol = 2 * (ref_low.float() - ref32).abs().max().item() + 1e-5
-    if err > tol:
-        idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
-        raise AssertionError(
-            f"{name}: max err {err:.3e} > tol {tol:.3e} at {idx}: got {got[idx].item():.6g}, ref {ref32[idx].item():.6g}"
-        )
-    return err
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every kernel output starts as NaN, so an element the kernels skip shows up."""
-
-    def alloc(shape, device, dtype):
-        return torch.full(tuple(shape), float("nan"), device=device, dtype=dtype)
-
-    monkeypatch.setattr(ops_window, "alloc_output", alloc)
-
-
-def make_inputs(b, nq, rows, H, K, d, dtype, device, seed):
-    """q, ck, cv as strided views (last dim contiguous, nothing copied); dout strided too."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(b, nq, H + 1, d, generator=g)[:, :, :H].to(device=device, dtype=dtype)
-    ckv = torch.randn(b, rows, 2 * K, d, generator=g).to(device=device, dtype=dtype)
-    ck, cv = ckv[:, :, :K], ckv[:, :, K:]
-    dout = torch.randn(b, H, nq, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
-    return q, ck, cv, dout
+# helpers (shared ones in dense_kernel_helpers.py)
 
 
 def reference_grads(q, ck, cv, dout, dtype, **kw):
