@@ -179,7 +179,7 @@ def dkv_schedule(block_idx, block_valid, n: int, block_size: int, causal: bool, 
     dev = block_idx.device
     # int32 keys (a GPU radix sort passes over half the bits of int64); invalid or out-of-range ids go to
     # the sentinel bucket num_blocks, sorted last; the range test runs on the original dtype, before the cast
-    live_entry = block_valid & (block_idx >= 0) & (block_idx < num_blocks)
+    live_entry = _in_range(block_idx, block_valid, n, block_size)
     key = block_idx.to(torch.int32, copy=True).masked_fill_(~live_entry, num_blocks)  # never the caller's tensor
     del live_entry
     key = key.permute(0, 2, 1, 3).reshape(bh, n * kk)
@@ -207,12 +207,11 @@ def dkv_schedule(block_idx, block_valid, n: int, block_size: int, causal: bool, 
     return entries, segments.to(torch.int32).contiguous()
 
 
-# dkv kernel launch parameters by padded head dim. Measured on the H200 (bf16, d=128, l'=64, kk=16,
-# G=16, n=64k; scripts/gpu_select_bwd_profile.py): 4 warps 16.4 ms, 8 warps 31.3 ms, stages 1 ~ 2 ~ 3.
-# At d=256 the fp32 dk, dv accumulators (2 x 64 keys x 256) need 8 warps to stay in registers.
-DKV_LAUNCH = {16: dict(num_warps=4, num_stages=1), 32: dict(num_warps=4, num_stages=1),
-              64: dict(num_warps=4, num_stages=1), 128: dict(num_warps=4, num_stages=1),
-              256: dict(num_warps=8, num_stages=1)}
+def dkv_launch(block_d: int) -> dict:
+    """dkv kernel launch parameters by padded head dim. Measured on the H200 (bf16, d=128, l'=64, kk=16,
+    G=16, n=64k; scripts/gpu_select_bwd_profile.py): 4 warps 16.4 ms, 8 warps 31.3 ms, stages 1 ~ 2 ~ 3.
+    At d=256 the fp32 dk, dv accumulators (2 x 64 keys x 256) need 8 warps to stay in registers."""
+    return dict(num_warps=8 if block_d >= 256 else 4, num_stages=1)
 
 
 def _launch_dkv(module, wrap, q, k, v, g, g_strides, has_gates, dout, lse, delta, dk, dv, entries, segments, hs, kk,
@@ -276,7 +275,7 @@ def _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, cau
     # key-major: dk and dv over the inverted selection
     entries, segments = dkv_schedule(block_idx, block_valid, n, block_size, causal, module.DKV_SEGMENT)
     _launch_dkv(module, wrap, q, k, v, g, g_strides, gates is not None, dout, lse, delta, dk, dv, entries, segments,
-                hs, kk, scale, **DKV_LAUNCH.get(block_d, DKV_LAUNCH[128]))
+                hs, kk, scale, **dkv_launch(block_d))
     dgates = dg.to(gates.dtype) if gates is not None else dg
     return dq, dk.to(k.dtype), dv.to(v.dtype), dgates
 

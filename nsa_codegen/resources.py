@@ -50,7 +50,7 @@ REGS = {
 }
 
 
-# select_bwd's key-major dkv_kernel (one config per head dim, ops.DKV_LAUNCH; not autotuned): K, V tiles
+# select_bwd's key-major dkv_kernel (one config per head dim, ops.dkv_launch; not autotuned): K, V tiles
 # of BK keys resident, gathered Q and dO rows (R = DKV_TOKENS * GP) per stage, P^T and dS^T staged for
 # the dk / dv dots; fp32 dk, dv accumulators plus five R x BK score-sized temporaries in registers
 RK = sympy.symbols("DKV_ROWS", positive=True, integer=True)

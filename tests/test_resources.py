@@ -90,3 +90,17 @@ def test_unknown_family_is_rejected():
 
     with pytest.raises(ValueError, match="no resource model"):
         resources.tile_configs(Fake())
+
+
+@pytest.mark.parametrize("name", ["select_bwd_bs64_g16_causal", "select_bwd_bs8_g4_noncausal",
+                                  "select_bwd_bs128_g1_causal", "select_bwd_bs20_g3_causal"])
+def test_dkv_model_layout_matches_the_rendered_kernel(name):
+    """predict_dkv repeats the template's dkv layout rules (key tile, gathered rows): they must agree."""
+    from nsa_codegen import cache
+
+    spec = VariantSpec.from_name(name)
+    module = cache.load_variant(spec)
+    pred = resources.predict_dkv(spec, 128, 2, 4, 1)
+    gp = 1 << (spec.group - 1).bit_length()
+    assert pred["DKV_BLOCK_K"] == module.DKV_BLOCK_K
+    assert pred["DKV_ROWS"] == module.DKV_TOKENS * gp
