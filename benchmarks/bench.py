@@ -15,7 +15,11 @@ What is timed (bf16, b=1, H=64, K=4 so G=16, d=128, l=32, s=16, l'=64, k=16, W=5
   query i and kv head h, kk=16 distinct blocks drawn uniformly from the blocks strictly before i's own
   block (fewer when fewer exist; the rest invalid), plus the own block i // l' restricted to j <= i,
   which the causal kernels include themselves (fla gets it as an explicit extra index).
-- section ``gqa``: the selected branch at n=32k, H=64, G in {1, 2, 4, 8, 16} (K = 64 / G).
+- section ``gqa``: the selected branch at n=32k, H=64, G in {1, 2, 4, 8, 16} (K = 64 / G), on the
+  random selection above and (``ours_local``) on a local one: the tokens of each 16-token window draw
+  their blocks from one shared score draw plus 2% per-token noise, so neighbouring queries share most
+  blocks, as NSA's importance scores of neighbouring queries do. Random selections are the worst case
+  for G < 16 (no two tokens of a program share K/V loads); local ones show what packing recovers.
 - section ``layer``: the whole layer's functional core without projections (compress MLP + compressed
   attention + importance/top-k + selected + sliding window + gated combine) via
   ``nsa_codegen.reference.nsa_attention``; each row says which branches ran on kernels and which ran
@@ -65,6 +69,7 @@ LABELS = {
     "layer_ours": "layer core: each branch on its nsa_codegen kernel where one exists (see 'branches')",
     "layer_reference": "layer core: every branch on the PyTorch reference",
     "fla_layer": "fla parallel_nsa: compression + top-k + selected (no sliding: flash_attn absent)",
+    "ours_local": "ours on local selections (16-token windows share block scores, +2% per-token noise)",
     "branch_compressed": "layer branch alone: compressed attention, nsa_codegen.ops_compressed (ck/cv prebuilt)",
     "branch_topk": "layer branch alone: top-k block selection, nsa_codegen.ops_topk (forward only)",
     "branch_sliding": "layer branch alone: sliding-window attention, nsa_codegen.ops_window",
@@ -270,20 +275,26 @@ class Bench:
 # inputs
 
 
-def make_selection(torch, n, Hs, kk, l, seed, device):
+def make_selection(torch, n, Hs, kk, l, seed, device, local=False):
     """block_idx (1, n, Hs, kk) int32 ascending, block_valid bool: kk distinct blocks strictly before
-    the query's own block, drawn uniformly (valid slots first; invalid slots hold index 0)."""
+    the query's own block, drawn uniformly (valid slots first; invalid slots hold index 0). local: the
+    tokens of each 16-token window rank the blocks by one shared draw plus 2% per-token noise."""
     nb = -(-n // l)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     idx = torch.empty((1, n, Hs, kk), dtype=torch.int32, device=device)
     valid = torch.empty((1, n, Hs, kk), dtype=torch.bool, device=device)
-    chunk = max(1, (1 << 26) // max(1, Hs * nb))
+    chunk = max(16, (1 << 26) // max(1, Hs * nb) // 16 * 16)  # whole 16-token windows per chunk
     ar = torch.arange(nb, device=device)
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         own = torch.arange(c0, c1, device=device) // l
-        r = torch.rand((c1 - c0, Hs, nb), generator=gen, device=device)
+        if local:
+            win = torch.rand((-(-(c1 - c0) // 16), Hs, nb), generator=gen, device=device)
+            r = win.repeat_interleave(16, dim=0)[: c1 - c0]
+            r += 0.02 * torch.rand((c1 - c0, Hs, nb), generator=gen, device=device)
+        else:
+            r = torch.rand((c1 - c0, Hs, nb), generator=gen, device=device)
         r.masked_fill_(ar[None, None, :] >= own[:, None, None], -1.0)
         k_eff = min(kk, nb)
         vals, ind = r.topk(k_eff, dim=-1)
@@ -1026,6 +1037,9 @@ def _jsonable(x):
 # phases
 
 
+LOCAL_SELECTION_IMPLS = {"ours_local"}  # these rows use make_selection(local=True)
+
+
 def phase_selected(bench, ns, phase_deadline, section="selected", Gs=None, impls=SELECTED_IMPLS):
     """Implementation-major: ours at every size first, then each anchor (slowest last), so a short
     budget drops anchor rows at large n rather than ours. Inputs are built once per (n, G)."""
@@ -1037,17 +1051,17 @@ def phase_selected(bench, ns, phase_deadline, section="selected", Gs=None, impls
     cases = [(n, G) for n in ns for G in Gs]
     built: dict = {}
 
-    def get(n, G):
-        if (n, G) not in built:
+    def get(n, G, local):
+        if (n, G, local) not in built:
             K = H // G
             try:
                 inp = Inputs(torch, n, H, K, d, a.rotate, bench.dev, bench.dtype, seed=1000 + n + G)
-                sel = make_selection(torch, n, K, kk, l, seed=n * 31 + G, device=bench.dev)
+                sel = make_selection(torch, n, K, kk, l, seed=n * 31 + G, device=bench.dev, local=local)
                 pairs, mean_sel = selection_work(torch, sel[1], l, G)
-                built[(n, G)] = (inp, sel, pairs, mean_sel, None)
+                built[(n, G, local)] = (inp, sel, pairs, mean_sel, None)
             except Exception as exc:  # noqa: BLE001
-                built[(n, G)] = (None, None, 0, 0, "inputs: " + _short_err(exc))
-        return built[(n, G)]
+                built[(n, G, local)] = (None, None, 0, 0, "inputs: " + _short_err(exc))
+        return built[(n, G, local)]
 
     for name, impl, power in impls:
         for n, G in cases:
@@ -1057,7 +1071,7 @@ def phase_selected(bench, ns, phase_deadline, section="selected", Gs=None, impls
                     bench.add(dict(section=section, impl=name, label=LABELS.get(name, name), n=n, G=G, H=H,
                                    K=K, mode=mode, status="skipped", error="time budget: phase over"))
                     continue
-                inp, sel, pairs, mean_sel, err = get(n, G)
+                inp, sel, pairs, mean_sel, err = get(n, G, name in LOCAL_SELECTION_IMPLS)
                 if err:
                     bench.add(dict(section=section, impl=name, label=LABELS.get(name, name), n=n, G=G, H=H,
                                    K=K, mode=mode, status="error", error=err))
@@ -1248,7 +1262,7 @@ def compute_ratios(rows) -> list[dict]:
         if sec in ("selected", "gqa", "flex"):
             base_sec = "selected" if sec == "flex" else sec
             ours = ok.get((base_sec, "ours", n, G, mode))
-            if impl == "ours" or ours is None:
+            if impl in ("ours", "ours_local") or ours is None:
                 continue
             ratios.append(dict(section=sec, n=n, G=G, mode=mode, anchor=impl, ours="ours",
                                anchor_ms=r["ms"], ours_ms=ours["ms"], ratio=r["ms"] / ours["ms"]))
@@ -1265,12 +1279,12 @@ def compute_ratios(rows) -> list[dict]:
                                    anchor_ms=r["ms"], ours_ms=ours["ms"], ratio=r["ms"] / ours["ms"]))
     # GQA: per-FLOP throughput of ours at G against G = max (the target: at least half)
     for (sec, impl, n, G, mode), r in ok.items():
-        if sec == "gqa" and impl == "ours" and r.get("tflops"):
-            Gmax = max([k[3] for k in ok if k[0] in ("gqa", "selected") and k[1] == "ours" and k[2] == n])
-            top = ok.get(("gqa", "ours", n, Gmax, mode)) or ok.get(("selected", "ours", n, Gmax, mode))
+        if sec == "gqa" and impl in ("ours", "ours_local") and r.get("tflops"):
+            Gmax = max([k[3] for k in ok if k[0] in ("gqa", "selected") and k[1] == impl and k[2] == n])
+            top = ok.get(("gqa", impl, n, Gmax, mode)) or ok.get(("selected", impl, n, Gmax, mode))
             if top is not None and G != Gmax and top.get("tflops"):
-                ratios.append(dict(section="gqa_efficiency", n=n, G=G, mode=mode, anchor=f"ours_G{G}_tflops",
-                                   ours=f"ours_G{Gmax}_tflops", anchor_ms=r["tflops"], ours_ms=top["tflops"],
+                ratios.append(dict(section="gqa_efficiency", n=n, G=G, mode=mode, anchor=f"{impl}_G{G}_tflops",
+                                   ours=f"{impl}_G{Gmax}_tflops", anchor_ms=r["tflops"], ours_ms=top["tflops"],
                                    ratio=r["tflops"] / top["tflops"]))
     # the layer against dense attention (the paper's comparison)
     for (sec, impl, n, G, mode), r in ok.items():
@@ -1561,6 +1575,9 @@ def main(argv=None) -> int:
                     Gs = [G for G in Gs if G != G0]
                     bench.notes.append(f"gqa: G={G0} at n={args.gqa_n} is the selected section's row "
                                        f"(same configuration); plots and ratios take it from there")
+                # ours on local selections first, at every G (its G = 16 row is not in the selected section)
+                phase_selected(bench, [args.gqa_n], dl, section="gqa", Gs=sorted(GQA_GS, reverse=True),
+                               impls=[("ours_local", impl_ours, 1.0)])
                 phase_selected(bench, [args.gqa_n], dl, section="gqa", Gs=Gs, impls=impls)
             elif name == "layer":
                 phase_layer(bench, args.ns, dl)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 STYLE = {
     "ours": dict(color="tab:red", marker="o", lw=2.2),
+    "ours_local": dict(color="salmon", marker="o"),
     "fla": dict(color="tab:blue", marker="s"),
     "nsa_pytorch": dict(color="tab:green", marker="^"),
     "flex": dict(color="tab:purple", marker="D"),
@@ -33,6 +34,7 @@ STYLE = {
 }
 SHORT = {
     "ours": "ours (generated Triton)",
+    "ours_local": "ours, local selections",
     "fla": "fla parallel_nsa",
     "nsa_pytorch": "native-sparse-attention-pytorch 0.2.3",
     "flex": "FlexAttention (block mask)",

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g2_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_bwd", "group": 2}
-# template_sha256: dd0b6281370ae2e0798b8af62d3d05b0ff558de319052da81da97c35e30de92a
+# template_sha256: f90c1e399373942e1d62ecc30b1049bd08def8e8f7a0c3bc78cf7d82a8d4b4e8
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_bwd_bs64_g1_causal
 # spec: {"block_size": 64, "causal": true, "family": "select_bwd", "group": 1}
-# template_sha256: 0edc05330173578c7c82fccdf3c85ca98a13568fccd159bda8459499b22b31b0
+# template_sha256: 83eac967bcdcf39760546fcb86cced8b4eb55c01df9ccdfb70570525f45e9a2a
 # configs kept (6):
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -121,42 +121,55 @@ def kernel(
     offs_n = tl.arange(0, BLOCK_N)
     tile_tok = pid_t * 16 + tl.arange(0, 16)
     # visit each distinct selected block of the tile once (as in the forward)
-    for t in range(16):
-        tok_t = pid_t * 16 + t
-        for slot in range(NUM_SEL):
-            sel_t = b * stride_ib + tok_t * stride_in + hs * stride_ih + slot * stride_is
-            blk = tl.load(IDX + sel_t, mask=tok_t < N, other=-1)
-            ok = tl.load(VALID + b * stride_ab + tok_t * stride_an + hs * stride_ah + slot * stride_as,
-                         mask=tok_t < N, other=0) != 0
-            blk = tl.where(ok, blk, -1)
-            seen = tl.sum(((row_idx == blk) & (row_t < t)[:, None]).to(tl.int32))
-            if (blk >= 0) & (seen == 0):
-                match = row_idx == blk
-                row_sel = tl.sum(match.to(tl.int32), 1) > 0
-                gate = tl.sum(tl.where(match, row_gate, 0.0), 1)
-                key = blk * 64 + offs_n
-                col_ok = (key < N)
-                kv_mask = col_ok[:, None] & d_ok[None, :]
-                k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-                qk = tl.dot(q, tl.trans(k))
-                s = tl.where(row_sel[:, None] & col_ok[None, :], qk * (sm_scale * gate)[:, None], float("-inf"))
-                p = tl.exp2(s - lse2[:, None])
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot((ds * (gate * scale)[:, None]).to(k.dtype), k)
+    offs_e = tl.arange(0, 16 * KK_PAD)
+    e_t = offs_e // KK_PAD
+    e_s = offs_e % KK_PAD
+    e_tok = pid_t * 16 + e_t
+    e_in = (e_tok < N) & (e_s < NUM_SEL)
+    e_blk = tl.load(IDX + b * stride_ib + e_tok * stride_in + hs * stride_ih + e_s * stride_is, mask=e_in, other=-1)
+    e_val = tl.load(VALID + b * stride_ab + e_tok * stride_an + hs * stride_ah + e_s * stride_as,
+                    mask=e_in, other=0) != 0
+    e_blk = tl.where(e_val, e_blk, -1)
+    e_seen = tl.zeros([16 * KK_PAD], tl.int32)
+    for t in range(16 - 1):
+        sel_t = tl.max(tl.where((row_t == t)[:, None], row_idx, -1), 0)  # token t's blocks (-1: none)
+        hit = tl.max((e_blk[:, None] == sel_t[None, :]).to(tl.int32), 1)
+        e_seen = tl.where(e_t > t, e_seen | hit, e_seen)
+    e_keep = (e_blk >= 0) & (e_seen == 0)
+    e_pos = tl.where(e_keep, tl.cumsum(e_keep.to(tl.int32), 0) - 1, -1)
+    num_blocks = tl.sum(e_keep.to(tl.int32), 0)
 
-                if HAS_GATES:
-                    # per token: sum over its heads; each (token, slot) is visited exactly once
-                    dg_tok = tl.sum(tl.reshape(tl.sum(ds * qk, 1), (16, 1)), 1) * scale
-                    # first matching slot (a duplicate id in one row, outside the contract, must not
-                    # turn into a slot past the row); -1 for rows without a match
-                    slot_r = tl.min(tl.where(match, offs_s[None, :], KK_PAD), 1)
-                    slot_r = tl.where(slot_r < KK_PAD, slot_r, -1)
-                    slot_tok = tl.max(tl.reshape(slot_r, (16, 1)), 1)
-                    sel_tok = tl.max(tl.reshape(row_sel.to(tl.int32), (16, 1)), 1) > 0
-                    tl.store(DG + b * stride_dgb + tile_tok * stride_dgn + hs * stride_dgh + slot_tok * stride_dgs,
-                             dg_tok, mask=sel_tok)
+    for j in range(num_blocks):
+        e_j = tl.sum(tl.where(e_pos == j, offs_e, 0), 0)
+        blk = tl.load(IDX + b * stride_ib + (pid_t * 16 + e_j // KK_PAD) * stride_in + hs * stride_ih
+                      + (e_j % KK_PAD) * stride_is)
+
+        match = row_idx == blk
+        row_sel = tl.sum(match.to(tl.int32), 1) > 0
+        gate = tl.sum(tl.where(match, row_gate, 0.0), 1)
+        key = blk * 64 + offs_n
+        col_ok = (key < N)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        s = tl.where(row_sel[:, None] & col_ok[None, :], qk * (sm_scale * gate)[:, None], float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot((ds * (gate * scale)[:, None]).to(k.dtype), k)
+
+        if HAS_GATES:
+            # per token: sum over its heads; each (token, slot) is visited exactly once
+            dg_tok = tl.sum(tl.reshape(tl.sum(ds * qk, 1), (16, 1)), 1) * scale
+            # first matching slot (a duplicate id in one row, outside the contract, must not
+            # turn into a slot past the row); -1 for rows without a match
+            slot_r = tl.min(tl.where(match, offs_s[None, :], KK_PAD), 1)
+            slot_r = tl.where(slot_r < KK_PAD, slot_r, -1)
+            slot_tok = tl.max(tl.reshape(slot_r, (16, 1)), 1)
+            sel_tok = tl.max(tl.reshape(row_sel.to(tl.int32), (16, 1)), 1) > 0
+            tl.store(DG + b * stride_dgb + tile_tok * stride_dgn + hs * stride_dgh + slot_tok * stride_dgs,
+                     dg_tok, mask=sel_tok)
 
     # causal: the own block i // 64, keys own_start .. i, gate 1
     # keys of the tile's own blocks, from the first token's block start to the last token

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs16_g1_noncausal
 # spec: {"block_size": 16, "causal": false, "family": "select_fwd", "group": 1}
-# template_sha256: 59c89357d79e364e4f2fd7fbb29ba17853f9b5ae546ab721ee4e55073178a731
+# template_sha256: 23b56e57cb7fe6595abb1bd7fa9672f97ff8067b31a9fed4489991e02ecb037f
 # configs kept (6):
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -92,35 +92,47 @@ def kernel(
         row_gate = tl.full([16, KK_PAD], 1.0, tl.float32)
     row_t = rows // 1
     offs_n = tl.arange(0, BLOCK_N)
-    # visit each distinct selected block of the tile once: slot `slot` of token t, unless an earlier
-    # token of the tile selected the same block
-    for t in range(16):
-        tok_t = pid_t * 16 + t
-        for slot in range(NUM_SEL):
-            sel_t = b * stride_ib + tok_t * stride_in + hs * stride_ih + slot * stride_is
-            blk = tl.load(IDX + sel_t, mask=tok_t < N, other=-1)
-            ok = tl.load(VALID + b * stride_ab + tok_t * stride_an + hs * stride_ah + slot * stride_as,
-                         mask=tok_t < N, other=0) != 0
-            blk = tl.where(ok, blk, -1)
-            seen = tl.sum(((row_idx == blk) & (row_t < t)[:, None]).to(tl.int32))
-            if (blk >= 0) & (seen == 0):
-                match = row_idx == blk
-                row_sel = tl.sum(match.to(tl.int32), 1) > 0
-                gate = tl.sum(tl.where(match, row_gate, 0.0), 1)
-                key = blk * 16 + offs_n
-                col_ok = (key < N)
-                kv_mask = col_ok[:, None] & d_ok[None, :]
-                k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k)) * (sm_scale * gate)[:, None]
-                s = tl.where(row_sel[:, None] & col_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_use)
-                p = tl.exp2(s - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+    # visit each distinct selected block of the tile once, in (token, slot) order
+    offs_e = tl.arange(0, 16 * KK_PAD)
+    e_t = offs_e // KK_PAD
+    e_s = offs_e % KK_PAD
+    e_tok = pid_t * 16 + e_t
+    e_in = (e_tok < N) & (e_s < NUM_SEL)
+    e_blk = tl.load(IDX + b * stride_ib + e_tok * stride_in + hs * stride_ih + e_s * stride_is, mask=e_in, other=-1)
+    e_val = tl.load(VALID + b * stride_ab + e_tok * stride_an + hs * stride_ah + e_s * stride_as,
+                    mask=e_in, other=0) != 0
+    e_blk = tl.where(e_val, e_blk, -1)
+    e_seen = tl.zeros([16 * KK_PAD], tl.int32)
+    for t in range(16 - 1):
+        sel_t = tl.max(tl.where((row_t == t)[:, None], row_idx, -1), 0)  # token t's blocks (-1: none)
+        hit = tl.max((e_blk[:, None] == sel_t[None, :]).to(tl.int32), 1)
+        e_seen = tl.where(e_t > t, e_seen | hit, e_seen)
+    e_keep = (e_blk >= 0) & (e_seen == 0)
+    e_pos = tl.where(e_keep, tl.cumsum(e_keep.to(tl.int32), 0) - 1, -1)
+    num_blocks = tl.sum(e_keep.to(tl.int32), 0)
+
+    for j in range(num_blocks):
+        e_j = tl.sum(tl.where(e_pos == j, offs_e, 0), 0)
+        blk = tl.load(IDX + b * stride_ib + (pid_t * 16 + e_j // KK_PAD) * stride_in + hs * stride_ih
+                      + (e_j % KK_PAD) * stride_is)
+
+        match = row_idx == blk
+        row_sel = tl.sum(match.to(tl.int32), 1) > 0
+        gate = tl.sum(tl.where(match, row_gate, 0.0), 1)
+        key = blk * 16 + offs_n
+        col_ok = (key < N)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * (sm_scale * gate)[:, None]
+        s = tl.where(row_sel[:, None] & col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
 
 
     has_key = l_i > 0.0

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_bwd_g2_causal
 # spec: {"block_size": 0, "causal": true, "family": "window_bwd", "group": 2}
-# template_sha256: 99acc9bde82613852b10497667c5bb006c208d8e747111490a79bd544140c770
+# template_sha256: 910f8348a6d8930c8a44a99d888c8fca88736463e57a1d022359cd0083b829e2
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
