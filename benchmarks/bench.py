@@ -1514,7 +1514,7 @@ def main(argv=None) -> int:
     ceilings = {}
 
     # phase weights: each phase gets its share of what is left when it starts
-    weights = dict(check=0.10, selected=0.36, gqa=0.15, layer=0.27, flex=0.12)
+    weights = dict(check=0.10, selected=0.33, gqa=0.14, layer=0.33, flex=0.10)
     todo = [s for s in SECTIONS if s in args.sections]
 
     def phase_deadline(name):

@@ -168,18 +168,21 @@ def _bwd(q, k, v, out, lse, dout, window, causal, scale, query_offset, wrap, con
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     lse = lse.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)  # (b, n_q, H), contiguous like lse
+    # delta0 = rowsum(dO * O) from the 16-bit output: only the starting point. dq_kernel (first) computes
+    # the exact delta = sum_j P dP into `delta` and corrects dq; dkdv_kernel reads it (see window_bwd.py.j2).
+    delta0 = (dout.float() * out.float()).sum(-1).contiguous()  # (b, n_q, H), the strides of lse
+    delta = torch.empty(lse.shape, device=lse.device, dtype=torch.float32)
     common = (
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride(),
     )
     scalars = (nq, nk, int(query_offset), kh, int(window), float(scale))
     tokens = constexprs["BLOCK_M"] // module.GROUP
-    wrap(module.dkdv_kernel)[(triton.cdiv(nk, constexprs["BLOCK_N"]), b * kh)](
-        q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3], *scalars,
+    wrap(module.dq_kernel)[(triton.cdiv(nq, tokens), b * kh)](
+        q, k, v, dout, lse, delta0, dq, delta, *common, *dq.stride()[:3], *scalars,
         **constexprs, **launch,
     )
-    wrap(module.dq_kernel)[(triton.cdiv(nq, tokens), b * kh)](
-        q, k, v, dout, lse, delta, dq, *common, *dq.stride()[:3], *scalars,
+    wrap(module.dkdv_kernel)[(triton.cdiv(nk, constexprs["BLOCK_N"]), b * kh)](
+        q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3], *scalars,
         **constexprs, **launch,
     )
     return dq, dk, dv

@@ -130,6 +130,32 @@ def test_window_query_offset(causal):
 
 
 @interpreter
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("group", [1, 4])
+def test_window_backward_uses_exact_delta(group, causal):
+    """The backward computes delta_i = sum_j P_ij dP_ij itself (the saved output only seeds it): given an
+    output off by 1% (as a 16-bit O is off by up to 2^-9), the fp32 gradients still equal the reference's
+    to 1e-4, and sum_j dk_j = 0 (adding one vector to every key leaves the softmax unchanged). With
+    FlashAttention's delta = rowsum(dO * O) the rows of dk sum to -scale * sum_i (delta err)_i q_i instead
+    (as in test_compressed_kernels.py::test_cmp_backward_uses_exact_delta). Offset 3 with one key fewer
+    than positions: the first query rows see few keys."""
+    b, n, K, d, window, offset = 2, 77, 2, 32, 9, 3
+    H = group * K
+    q, k, v, dout = make_inputs(b, n, n + offset - 1, H, K, d, torch.float32, "cpu", 500 + group)
+    kw = dict(window=window, causal=causal, scale=d ** -0.5, query_offset=offset)
+    cfg = config_for(group)
+    out, lse = ops_window.sliding_window_fwd_launch(q, k, v, config=cfg, **kw)
+    wrong = out * (1 + 0.01 * torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    dq, dk, dv = ops_window.sliding_window_bwd_launch(q, k, v, wrong, lse, dout, config=cfg, **kw)
+    _, rq, rk, rv = reference_grads(q, k, v, dout, torch.float32, **kw)
+    for name, got, ref in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert_close(name, got, ref, ref, torch.float32)
+    row_sum = dk.sum(1).abs().max().item()
+    assert row_sum <= 1e-5 * dk.abs().sum(1).max().item(), row_sum
+
+
+@interpreter
 def test_window_op_cpu_path_is_the_reference():
     q, k, v, dout = make_inputs(1, 20, 20, 4, 2, 16, torch.float32, "cpu", 3)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))

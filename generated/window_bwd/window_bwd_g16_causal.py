@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_bwd_g16_causal
 # spec: {"block_size": 0, "causal": true, "family": "window_bwd", "group": 16}
-# template_sha256: 910f8348a6d8930c8a44a99d888c8fca88736463e57a1d022359cd0083b829e2
+# template_sha256: c504d57f0c746b6fe921df2762bdb3e740ed95c11ca600e0a4d73b3182261453
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -22,13 +22,20 @@
 """Sliding-window attention backward (nsa-spec section 6): window_bwd_g16_causal.
 
 Visibility: key j in [i - W, i], 0 <= j < N_K (i = Q_OFF + query index); kv head h // 16.
-FlashAttention-2 backward in two kernels, deterministic (no atomics):
+FlashAttention-2 backward in two kernels, deterministic (no atomics), launched dq first:
+  dq_kernel: one program per BLOCK_M packed query rows; loops over their key band like the forward.
+    It also computes the exact delta_i = sum_j P_ij dP_ij (fp32) into DELTA_OUT for dkdv_kernel, and
+    corrects its own dq for it: dq = sum_j P (dP - delta0) k_j - (delta - delta0) * sum_j P k_j.
   dkdv_kernel: one program per BLOCK_N keys of one kv head; loops over the packed query rows that see
     them (BLOCK_M rows = BLOCK_M // 16 tokens x 16 heads, so dk/dv sum the group inside the tile):
     masked lower edge, unmasked interior, masked upper edge. dk, dv in fp32 registers, stored once.
-  dq_kernel: one program per BLOCK_M packed query rows; loops over their key band like the forward.
-Inputs: the forward's lse (fp32, natural log; -inf = no key) and delta = rowsum(dO * O) (fp32), both
-(b, N_Q, H) with the same strides. Every other tensor has its own strides (last dim contiguous).
+Why the exact delta: FlashAttention's delta0 = rowsum(dO * O) reads the output rounded to 16 bits, an error
+of up to 2^-9 |dO| |O| per query that enters every dS_ij of the row with the same sign (sum_j dS_ij = delta0
+- delta instead of 0). dk_j sums it over the queries that see key j, and sum_j dk_j (0 exactly: a vector added
+to every key leaves the softmax unchanged; a key-projection bias accumulates it) becomes
+-scale * sum_i (delta0 - delta)_i q_i. The reference's softmax backward uses its own P and dP (as cmp_bwd.py.j2).
+Inputs: the forward's lse (fp32, natural log; -inf = no key) and delta0 = rowsum(dO * O) (fp32), both
+(b, N_Q, H) with the same strides (DELTA_OUT too). Every other tensor has its own strides (last dim contiguous).
 """
 import triton
 import triton.language as tl
@@ -173,7 +180,7 @@ def dkdv_kernel(
 
 @triton.jit
 def dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, DELTA_OUT,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -225,6 +232,8 @@ def dq_kernel(
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), end)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j P_ij k_j
+    delta_acc = tl.zeros([BLOCK_M], tl.float32)  # sum_j P_ij dP_ij
     for start_n in range(start, full_lo, BLOCK_N):
         key = start_n + offs_n
         col_ok = key < N_K
@@ -237,6 +246,8 @@ def dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        delta_acc += tl.sum(p * dp, 1)
+        pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
     for start_n in range(full_lo, full_hi, BLOCK_N):
         key = start_n + offs_n
@@ -248,6 +259,8 @@ def dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        delta_acc += tl.sum(p * dp, 1)
+        pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
     for start_n in range(full_hi, end, BLOCK_N):
         key = start_n + offs_n
@@ -261,7 +274,10 @@ def dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        delta_acc += tl.sum(p * dp, 1)
+        pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
-    dq *= tl.cast(scale, tl.float32)
+    dq = (dq - (delta_acc - delta)[:, None] * pk) * tl.cast(scale, tl.float32)
+    tl.store(DELTA_OUT + b * stride_lb + tok * stride_ln + head * stride_lh, delta_acc, mask=row_ok)
     dq_off = tok[:, None] * stride_dqn + head[:, None] * stride_dqh
     tl.store(DQ + b * stride_dqb + dq_off + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rq_mask)
