@@ -88,10 +88,8 @@ def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset
     b, nq, h, d = q.shape
     nkv, kh = ck.shape[1], ck.shape[2]
     dq = ops_window.alloc_output(q.shape, q.device, q.dtype)
-    dck = ops_window.alloc_output(ck.shape, ck.device, ck.dtype)
-    dcv = ops_window.alloc_output(cv.shape, cv.device, cv.dtype)
     if b == 0 or nq == 0:
-        return dq.zero_(), dck.zero_(), dcv.zero_()
+        return dq.zero_(), ck.new_zeros(ck.shape), cv.new_zeros(cv.shape)
     module = cache.load_variant(variant_specs(q, ck, causal)[1])
     constexprs, launch = launch_config(module, d, q.dtype, config)
     if dout.stride(-1) != 1:
@@ -108,11 +106,34 @@ def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset
         q, ck, cv, dout, lse, delta0, dq, delta, *common, *dq.stride()[:3], *scalars,
         **constexprs, **launch,
     )
-    wrap(module.dkdv_kernel)[(triton.cdiv(nkv, constexprs["BLOCK_N"]), b * kh)](
-        q, ck, cv, dout, lse, delta, dck, dcv, *common, *dck.stride()[:3], *dcv.stride()[:3], *scalars,
+    chunks, chunk = dkdv_chunks(nq, tokens)
+    if chunks == 1:  # one program walks all queries of its key tile: write d(ck), d(cv) directly
+        dk_out = ops_window.alloc_output(ck.shape, ck.device, ck.dtype)
+        dv_out = ops_window.alloc_output(cv.shape, cv.device, cv.dtype)
+    else:  # per-chunk fp32 partial sums, summed below in a fixed order (deterministic, no atomics)
+        dk_out = ops_window.alloc_output((chunks, *ck.shape), ck.device, torch.float32)
+        dv_out = ops_window.alloc_output((chunks, *cv.shape), cv.device, torch.float32)
+    wrap(module.dkdv_kernel)[(triton.cdiv(nkv, constexprs["BLOCK_N"]), b * kh, chunks)](
+        q, ck, cv, dout, lse, delta, dk_out, dv_out, *common, *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1],
+        dk_out.stride(0) if chunks > 1 else 0, dv_out.stride(0) if chunks > 1 else 0, chunk, *scalars,
         **constexprs, **launch,
     )
-    return dq, dck, dcv
+    if chunks == 1:
+        return dq, dk_out, dv_out
+    return dq, dk_out.sum(0).to(ck.dtype), dv_out.sum(0).to(cv.dtype)
+
+
+DKDV_MAX_CHUNKS = 16  # bounds the fp32 workspace at 16 x (d(ck) + d(cv)) = 8 n K d bytes for stride 16
+DKDV_MIN_CHUNK = 256  # query tokens per chunk: fewer and each program's K/V tile set-up dominates
+
+
+def dkdv_chunks(nq, tokens: int):
+    """(number of query chunks, tokens per chunk) for dkdv_kernel: up to DKDV_MAX_CHUNKS chunks of at
+    least DKDV_MIN_CHUNK tokens, each a multiple of the kernel's `tokens` per step (metadata only)."""
+    chunks = max(1, min(DKDV_MAX_CHUNKS, -(-nq // DKDV_MIN_CHUNK)))
+    per = -(-nq // chunks)
+    per = -(-per // tokens) * tokens
+    return -(-nq // per), per
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -108,6 +108,29 @@ def test_cmp_fp16(group, block_size, stride, num_mem, causal):
                     config=config_for(group), seed=100 + group)
 
 
+@pytest.mark.parametrize("nq", [1, 255, 256, 257, 1000, 4096, 65536, 100003])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 16])
+def test_cmp_dkdv_chunks_cover_the_queries(nq, tokens):
+    """The dkdv query chunks tile [0, nq) exactly on the kernel's token grid, at most DKDV_MAX_CHUNKS."""
+    chunks, per = ops_compressed.dkdv_chunks(nq, tokens)
+    assert 1 <= chunks <= ops_compressed.DKDV_MAX_CHUNKS and per % tokens == 0
+    assert (chunks - 1) * per < nq <= chunks * per
+
+
+@interpreter
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("group", [1, 4])
+def test_cmp_dkdv_query_chunks(group, causal, monkeypatch):
+    """dkdv_kernel split over query chunks (fp32 partial sums in a poisoned workspace, summed by the
+    launcher): with 8-token chunks at n = 77, chunk edges fall inside both the masked and the unmasked
+    query ranges of the key tiles; gradients as the reference."""
+    monkeypatch.setattr(ops_compressed, "DKDV_MIN_CHUNK", 8)
+    config = config_for(group, 16)
+    assert ops_compressed.dkdv_chunks(77, 16 // group)[0] >= 5
+    run_and_compare(1, 77, group * 2, 2, 32, 2, 4, 2, causal, torch.float32, config=config, seed=300 + group)
+
+
 @interpreter
 @pytest.mark.usefixtures("poison")
 def test_cmp_group_not_power_of_two_and_head_dim_padding():

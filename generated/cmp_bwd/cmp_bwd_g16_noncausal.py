@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g16_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "cmp_bwd", "group": 16}
-# template_sha256: f90c1e399373942e1d62ecc30b1049bd08def8e8f7a0c3bc78cf7d82a8d4b4e8
+# template_sha256: cd022d9fff12d0c8bf4acff1e7b2eb6001df0911af36dab576bca1c2ce3e8023
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -27,7 +27,11 @@ FlashAttention-2 backward in two kernels, deterministic (no atomics), launched d
     It also computes the exact delta_i = sum_j P_ij dP_ij (fp32) into DELTA_OUT for dkdv_kernel, and
     corrects its own dq for it: dq = sum_j P (dP - delta0) k_j - (delta - delta0) * sum_j P k_j.
   dkdv_kernel: one program per BLOCK_N rows of [memory; compressed] keys/values of one kv head (so
-    d(ck), d(cv) include the memory rows); loops over the packed query rows that see them (BLOCK_M rows =
+    d(ck), d(cv) include the memory rows) and one chunk of CHUNK query tokens (program axis 2): the first
+    key rows are seen by every query, so without chunks one program would walk all n queries (the
+    backward's critical path; 112 ms of 123 at n = 64k on the H200). Each chunk stores its partial sums
+    into its own slice of an fp32 workspace (stride_dkc, stride_dvc) that the launcher sums in a fixed
+    order; it loops over the packed query rows that see the tile (BLOCK_M rows =
     BLOCK_M // 16 tokens x 16 heads, so the group is summed inside the tile), unmasked. dk, dv in fp32 registers, stored once.
 Why the exact delta: FlashAttention's delta0 = rowsum(dO * O) reads the output rounded to 16 bits, an error
 of up to 2^-9 |dO| |O| per query that enters every dS_ij of the row with the same sign (sum_j dS_ij = delta0
@@ -67,6 +71,7 @@ def dkdv_kernel(
     stride_lb, stride_ln, stride_lh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
+    stride_dkc, stride_dvc, CHUNK,
     N_Q, N_KV, Q_OFF, KV_HEADS, NUM_MEM, STRIDE, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -74,6 +79,9 @@ def dkdv_kernel(
     TOKENS: tl.constexpr = BLOCK_M // 16
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
+    pid_c = tl.program_id(2).to(tl.int64)
+    c_lo = tl.program_id(2) * CHUNK  # this program's query tokens: [c_lo, c_lo + CHUNK), CHUNK % TOKENS == 0
+    c_hi = c_lo + CHUNK
     b = (pid_bk // KV_HEADS).to(tl.int64)
     kvh = pid_bk % KV_HEADS
     sm_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # log2 domain
@@ -91,7 +99,7 @@ def dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_t in range(0, N_Q, TOKENS):
+    for start_t in range(c_lo, tl.minimum(N_Q, c_hi), TOKENS):
         tok = start_t + rows // 16
         head = kvh * 16 + rows % 16
         row_ok = (tok < N_Q)
@@ -112,9 +120,9 @@ def dkdv_kernel(
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
 
     dk *= tl.cast(scale, tl.float32)
-    out_off = b * stride_dkb + kvh * stride_dkh + key[:, None] * stride_dkn + offs_d[None, :]
+    out_off = pid_c * stride_dkc + b * stride_dkb + kvh * stride_dkh + key[:, None] * stride_dkn + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    out_off = b * stride_dvb + kvh * stride_dvh + key[:, None] * stride_dvn + offs_d[None, :]
+    out_off = pid_c * stride_dvc + b * stride_dvb + kvh * stride_dvh + key[:, None] * stride_dvn + offs_d[None, :]
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
