@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import cache, ops_window
+from . import cache, ops_window, tuning
 from .ops_window import (
     _no_wrap,
     dense_attention_backward,
@@ -91,7 +91,6 @@ def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset
     if b == 0 or nq == 0:
         return dq.zero_(), ck.new_zeros(ck.shape), cv.new_zeros(cv.shape)
     module = cache.load_variant(variant_specs(q, ck, causal)[1])
-    constexprs, launch = launch_config(module, d, q.dtype, config)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     lse = lse.contiguous()
@@ -101,26 +100,53 @@ def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset
     delta = torch.empty(lse.shape, device=lse.device, dtype=torch.float32)
     common = (*q.stride()[:3], *ck.stride()[:3], *cv.stride()[:3], *dout.stride()[:3], *lse.stride())
     scalars = (nq, nkv, int(query_offset), kh, int(num_mem), int(stride), float(scale))
-    tokens = constexprs["BLOCK_M"] // module.GROUP
-    wrap(module.dq_kernel)[(triton.cdiv(nq, tokens), b * kh)](
-        q, ck, cv, dout, lse, delta0, dq, delta, *common, *dq.stride()[:3], *scalars,
-        **constexprs, **launch,
-    )
-    chunks, chunk = dkdv_chunks(nq, tokens)
-    if chunks == 1:  # one program walks all queries of its key tile: write d(ck), d(cv) directly
-        dk_out = ops_window.alloc_output(ck.shape, ck.device, ck.dtype)
-        dv_out = ops_window.alloc_output(cv.shape, cv.device, cv.dtype)
-    else:  # per-chunk fp32 partial sums, summed below in a fixed order (deterministic, no atomics)
-        dk_out = ops_window.alloc_output((chunks, *ck.shape), ck.device, torch.float32)
-        dv_out = ops_window.alloc_output((chunks, *cv.shape), cv.device, torch.float32)
-    wrap(module.dkdv_kernel)[(triton.cdiv(nkv, constexprs["BLOCK_N"]), b * kh, chunks)](
-        q, ck, cv, dout, lse, delta, dk_out, dv_out, *common, *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1],
-        dk_out.stride(0) if chunks > 1 else 0, dv_out.stride(0) if chunks > 1 else 0, chunk, *scalars,
-        **constexprs, **launch,
-    )
-    if chunks == 1:
-        return dq, dk_out, dv_out
-    return dq, dk_out.sum(0).to(ck.dtype), dv_out.sum(0).to(cv.dtype)
+
+    def launch_dq(cfg, dq_out, delta_out):
+        constexprs, launch = cfg
+        tokens = constexprs["BLOCK_M"] // module.GROUP
+        wrap(module.dq_kernel)[(triton.cdiv(nq, tokens), b * kh)](
+            q, ck, cv, dout, lse, delta0, dq_out, delta_out, *common, *dq_out.stride()[:3], *scalars,
+            **constexprs, **launch,
+        )
+
+    def launch_dkdv(cfg):
+        """Returns (d(ck), d(cv)); with several query chunks, summed from per-chunk fp32 partial sums in
+        a fixed order (deterministic, no atomics)."""
+        constexprs, launch = cfg
+        chunks, chunk = dkdv_chunks(nq, constexprs["BLOCK_M"] // module.GROUP)
+        ws_dtype = ck.dtype if chunks == 1 else torch.float32  # one chunk: write d(ck), d(cv) directly
+        dk_out = ops_window.alloc_output((chunks, *ck.shape), ck.device, ws_dtype)
+        dv_out = ops_window.alloc_output((chunks, *cv.shape), cv.device, ws_dtype)
+        wrap(module.dkdv_kernel)[(triton.cdiv(nkv, constexprs["BLOCK_N"]), b * kh, chunks)](
+            q, ck, cv, dout, lse, delta, dk_out, dv_out, *common, *dk_out.stride()[1:4], *dv_out.stride()[1:4],
+            dk_out.stride(0), dv_out.stride(0), chunk, *scalars,
+            **constexprs, **launch,
+        )
+        if chunks == 1:
+            return dk_out[0], dv_out[0]
+        return dk_out.sum(0).to(ck.dtype), dv_out.sum(0).to(cv.dtype)
+
+    dq_cfg = _kernel_config(module, "dq_kernel", d, q, config,
+                            lambda c: launch_dq(c, torch.empty_like(dq), torch.empty_like(delta)))
+    launch_dq(dq_cfg, dq, delta)
+    dkdv_cfg = _kernel_config(module, "dkdv_kernel", d, q, config, launch_dkdv)
+    dck, dcv = launch_dkdv(dkdv_cfg)
+    return dq, dck, dcv
+
+
+def _kernel_config(module, kernel: str, d: int, q, config, run):
+    """(constexprs, launch) for one backward kernel: `config` when given (tests, benchmarks), else its
+    own tuned config (nsa_codegen.tuning; the two kernels prefer different tiles: H200, n = 64k, d = 128:
+    dq_kernel 41.3 ms at BLOCK_M 64 / 8 warps, 19.7 at BLOCK_M 128; dkdv_kernel 63.6 vs 45.6 at 32 x 32 /
+    4 warps). `run(cfg)` launches the kernel once with `cfg` into scratch outputs."""
+    if config is not None:
+        return launch_config(module, d, q.dtype, config)
+
+    def run_config(c):
+        run(launch_config(module, d, q.dtype, c))
+
+    constexprs, launch = tuning.kernel_config(module, kernel, d, q.dtype, q.shape[1], q, run_config)
+    return launch_config(module, d, q.dtype, {**constexprs, **launch})  # + HEAD_DIM, BLOCK_D, precision
 
 
 DKDV_MAX_CHUNKS = 16  # bounds the fp32 workspace at 16 x (d(ck) + d(cv)) = 8 n K d bytes for stride 16

@@ -1,4 +1,5 @@
-"""Persisted tuning of launch configs (today: the selected-attention forward kernel).
+"""Persisted tuning of launch configs (today: the selected-attention forward kernel and the two kernels
+of the compressed-attention backward, each kernel of a module tuned on its own).
 
 A generated module lists the tile configs the resource model kept (`CONFIGS`, render-time preference
 order). Without tuning the launcher takes the first one that fits the head dim (the *default*). With
@@ -370,23 +371,30 @@ def forward_config(module, head_dim: int, dtype: torch.dtype, n, probe: torch.Te
     """(constexprs, launch options) for one launch of `module`'s kernel at (head_dim, dtype, n) on
     `probe`'s device. `run(config)` launches the same call once with `config` into scratch outputs.
     Warm, this is one dict lookup; NSA_CODEGEN_TUNE is read when a key is first resolved in a process."""
+    return kernel_config(module, None, head_dim, dtype, n, probe, run, bench_fn=bench_fn)
+
+
+def kernel_config(module, kernel: Optional[str], head_dim: int, dtype: torch.dtype, n, probe: torch.Tensor,
+                  run: Callable[[dict], None], *, bench_fn: Optional[Callable] = None) -> tuple[dict, dict]:
+    """`forward_config` for one named kernel of a module with several (e.g. "dq_kernel"): each kernel
+    gets its own table key (`<variant>:<kernel>`), candidates from the module's shared CONFIGS."""
     config = _FORCED.get()
     if config is not None:
         return split(config)
     n = n if type(n) is int else _concrete(n)
     if n is not None:
-        hit = _MEMO.get((module, head_dim, dtype, n_bucket(n), probe.device))
+        hit = _MEMO.get((module, kernel, head_dim, dtype, n_bucket(n), probe.device))
         if hit is not None:
             return hit
-    return _resolve(module, head_dim, dtype, n, probe, run, bench_fn)
+    return _resolve(module, kernel, head_dim, dtype, n, probe, run, bench_fn)
 
 
-def _resolve(module, head_dim, dtype, n, probe, run, bench_fn) -> tuple[dict, dict]:
-    """The cold path of `forward_config`: table, else benchmark, else the default."""
+def _resolve(module, kernel, head_dim, dtype, n, probe, run, bench_fn) -> tuple[dict, dict]:
+    """The cold path of `kernel_config`: table, else benchmark, else the default."""
     block_d, dtype_bytes = n_bucket(max(16, head_dim)), torch.finfo(dtype).bits // 8
     if not tuning_enabled() or n is None:
         return _default_split(module, block_d, dtype_bytes)
-    memo_key = (module, head_dim, dtype, n_bucket(n), probe.device)
+    memo_key = (module, kernel, head_dim, dtype, n_bucket(n), probe.device)
     candidates = fitting_configs(module.CONFIGS, block_d, dtype_bytes)
     if len(candidates) <= 1:  # nothing to choose
         _MEMO[memo_key] = _default_split(module, block_d, dtype_bytes)
@@ -395,7 +403,8 @@ def _resolve(module, head_dim, dtype, n, probe, run, bench_fn) -> tuple[dict, di
         hit = _MEMO.get(memo_key)
         if hit is not None:
             return hit
-        key = make_key(variant_name(module), head_dim, dtype, n, probe.device)
+        variant = variant_name(module) + (f":{kernel}" if kernel else "")
+        key = make_key(variant, head_dim, dtype, n, probe.device)
         reason = benchmark_blocker(probe)
         config = choose(key, candidates, run, may_bench=reason is None, bench_fn=bench_fn)
         if config is None:

@@ -69,6 +69,9 @@ def main():
             del inputs, fwd, dout
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+    from nsa_codegen import tuning
+    for key, dec in tuning.decisions().items():  # tuned configs chosen on the first calls
+        print("tuning", key, dec.get("source"), dec.get("config"), [round(t, 3) for t in dec.get("times_ms", [])])
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
     (out / "branch_timing.json").write_text(json.dumps(

@@ -312,6 +312,25 @@ def test_env_switch_and_memo(monkeypatch):
     assert tuning.forward_config(mod, 128, torch.bfloat16, 8192, probe, timer.run, bench_fn=timer) == default
 
 
+def test_kernels_of_one_module_are_tuned_apart(monkeypatch):
+    """cmp_bwd has two kernels sharing CONFIGS: each gets its own key, benchmark and winner."""
+    mod = cache.load_variant(VariantSpec("cmp_bwd", 0, 16, True))
+    probe = torch.zeros(1)
+    cands = tuning.fitting_configs(mod.CONFIGS, 128, 2)
+    assert len(cands) > 2
+    monkeypatch.setattr(tuning, "benchmark_blocker", lambda probe: None)
+    dq_timer = FakeTimer([1.0] + [3.0] * (len(cands) - 1), cands)
+    dkdv_timer = FakeTimer([3.0] * (len(cands) - 1) + [1.0], cands)
+    dq = tuning.kernel_config(mod, "dq_kernel", 128, torch.bfloat16, 65536, probe, dq_timer.run, bench_fn=dq_timer)
+    dkdv = tuning.kernel_config(mod, "dkdv_kernel", 128, torch.bfloat16, 65536, probe, dkdv_timer.run,
+                                bench_fn=dkdv_timer)
+    assert dq == tuning.split(cands[0]) and dkdv == tuning.split(cands[-1]) and dq != dkdv
+    assert dq_timer.timed == cands and dkdv_timer.timed == cands
+    keys = set(read_table()["entries"])
+    assert any("cmp_bwd_g16_causal:dq_kernel|" in k for k in keys)
+    assert any("cmp_bwd_g16_causal:dkdv_kernel|" in k for k in keys)
+
+
 class _Picked(Exception):
     """Raised by the `_config` spy once the config is chosen: the interpreter's kernels (this lane)
     cannot take fake tensors, and the launch is not what these tests are about."""
