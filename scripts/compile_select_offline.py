@@ -42,7 +42,12 @@ def compile_variant(spec: VariantSpec, d: int = 128, dtype: str = "bf16", config
     mod = cache.load_variant(spec)
     config = config or mod.CONFIGS[0]
     const = {"HEAD_DIM": d, "BLOCK_D": d, "KK_PAD": 16, "HAS_GATES": True, "BLOCK_N": config["BLOCK_N"]}
-    src = ASTSource(mod.kernel, signature(mod.kernel, dtype), constexprs=const)
+    sig = signature(mod.kernel, dtype)
+    # the JIT specializes 16-byte-aligned pointers and strides divisible by 16; without these hints the
+    # loads do not vectorize and Triton does not pipeline them, so the compile would not match a launch
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(mod.kernel.arg_names)
+             if sig[name].startswith("*") or name.startswith("stride_")}
+    src = ASTSource(mod.kernel, sig, constexprs=const, attrs=attrs)
     opts = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     return k.metadata.shared, config

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs8_g8_noncausal
 # spec: {"block_size": 8, "causal": false, "family": "select_fwd", "group": 8}
-# template_sha256: 23b56e57cb7fe6595abb1bd7fa9672f97ff8067b31a9fed4489991e02ecb037f
+# template_sha256: 9c41049250b4172a197434ed0e39a1624172b607bbede15bf29f2f84f0f56907
 # configs kept (6):
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
