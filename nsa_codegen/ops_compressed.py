@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import cache, ops_window, tuning
+from . import cache, ops_window
 from .ops_window import (
     _no_wrap,
     dense_attention_backward,
@@ -29,6 +29,7 @@ from .ops_window import (
     check_launch,
     check_saved,
     launch_config,
+    tuned_kernel_config,
 )
 from .checks import require_bool, require_int, require_scale
 from .dispatch import head_group
@@ -126,27 +127,12 @@ def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset
             return dk_out[0], dv_out[0]
         return dk_out.sum(0).to(ck.dtype), dv_out.sum(0).to(cv.dtype)
 
-    dq_cfg = _kernel_config(module, "dq_kernel", d, q, config,
+    dq_cfg = tuned_kernel_config(module, "dq_kernel", d, q, config,
                             lambda c: launch_dq(c, torch.empty_like(dq), torch.empty_like(delta)))
     launch_dq(dq_cfg, dq, delta)
-    dkdv_cfg = _kernel_config(module, "dkdv_kernel", d, q, config, launch_dkdv)
+    dkdv_cfg = tuned_kernel_config(module, "dkdv_kernel", d, q, config, launch_dkdv)
     dck, dcv = launch_dkdv(dkdv_cfg)
     return dq, dck, dcv
-
-
-def _kernel_config(module, kernel: str, d: int, q, config, run):
-    """(constexprs, launch) for one backward kernel: `config` when given (tests, benchmarks), else its
-    own tuned config (nsa_codegen.tuning; the two kernels prefer different tiles: H200, n = 64k, d = 128:
-    dq_kernel 41.3 ms at BLOCK_M 64 / 8 warps, 19.7 at BLOCK_M 128; dkdv_kernel 63.6 vs 45.6 at 32 x 32 /
-    4 warps). `run(cfg)` launches the kernel once with `cfg` into scratch outputs."""
-    if config is not None:
-        return launch_config(module, d, q.dtype, config)
-
-    def run_config(c):
-        run(launch_config(module, d, q.dtype, c))
-
-    constexprs, launch = tuning.kernel_config(module, kernel, d, q.dtype, q.shape[1], q, run_config)
-    return launch_config(module, d, q.dtype, {**constexprs, **launch})  # + HEAD_DIM, BLOCK_D, precision
 
 
 DKDV_MAX_CHUNKS = 16  # bounds the fp32 workspace at 16 x (d(ck) + d(cv)) = 8 n K d bytes for stride 16

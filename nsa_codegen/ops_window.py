@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import triton
 
-from . import cache
+from . import cache, tuning
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE  # noqa: F401
 from .checks import (require_bool, require_float, require_head_dim, require_heads, require_int,
                      require_last_dim_contiguous, require_same_device, require_same_dtype, require_same_shape,
@@ -118,6 +118,22 @@ def launch_config(module, d: int, dtype: torch.dtype, config: Optional[dict] = N
         "BLOCK_N": c["BLOCK_N"],
     }
     return constexprs, {"num_warps": c.get("num_warps", 4), "num_stages": c.get("num_stages", 2)}
+
+
+def tuned_kernel_config(module, kernel: str, d: int, q, config, run) -> tuple[dict, dict]:
+    """(constexprs, launch) for one kernel of a module with several: `config` when given (tests,
+    benchmarks), else the kernel's own tuned config (nsa_codegen.tuning). The compressed backward's two
+    kernels prefer different tiles (H200, n = 64k, d = 128: dq_kernel 41.3 ms at BLOCK_M 64 / 8 warps,
+    19.5 at BLOCK_M 128; dkdv_kernel 63.6 vs 44.9 at 32 x 32 / 4 warps). `run((constexprs, launch))`
+    launches the kernel once into scratch outputs (the tuning benchmark)."""
+    if config is not None:
+        return launch_config(module, d, q.dtype, config)
+
+    def run_config(c):
+        run(launch_config(module, d, q.dtype, c))
+
+    constexprs, launch = tuning.kernel_config(module, kernel, d, q.dtype, q.shape[1], q, run_config)
+    return launch_config(module, d, q.dtype, {**constexprs, **launch})  # + HEAD_DIM, BLOCK_D, precision
 
 
 def _no_wrap(kernel):
