@@ -60,3 +60,18 @@ def make_inputs(b, nq, nk, H, K, d, dtype, device, seed):
     k, v = kv[:, :, :K], kv[:, :, K:]
     dout = torch.randn(b, H, nq, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
     return q, k, v, dout
+
+
+def assert_backward_uses_exact_delta(fwd_launch, bwd_launch, q, k, v, dout, ref_grads, names, **kw):
+    """Backward given an output off by 1% (as a 16-bit O is off by up to 2^-9): the fp32 gradients still
+    equal the reference's `ref_grads` (dq, dk, dv) and every column of dk sums over its key rows to 0
+    (adding one vector to every key row leaves the softmax unchanged). A kernel using FlashAttention's
+    delta = rowsum(dO * O) fails the second check: its dk rows sum to -scale * sum_i (delta err)_i q_i."""
+    out, lse = fwd_launch(q, k, v, **kw)
+    wrong = out * (1 + 0.01 * torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    grads = bwd_launch(q, k, v, wrong, lse, dout, **kw)
+    for name, got, ref in zip(names, grads, ref_grads):
+        assert_close(name, got, ref, ref, torch.float32)
+    dk = grads[1]
+    row_sum = dk.sum(1).abs().max().item()
+    assert row_sum <= 1e-5 * dk.abs().sum(1).max().item(), row_sum
