@@ -19,7 +19,9 @@ What is timed (bf16, b=1, H=64, K=4 so G=16, d=128, l=32, s=16, l'=64, k=16, W=5
   random selection above and (``ours_local``) on a local one: the tokens of each 16-token window draw
   their blocks from one shared score draw plus 2% per-token noise, so neighbouring queries share most
   blocks, as NSA's importance scores of neighbouring queries do. Random selections are the worst case
-  for G < 16 (no two tokens of a program share K/V loads); local ones show what packing recovers.
+  for G < 16 (no two tokens of a program share K/V loads); local ones show what packing recovers. The
+  windows start at multiples of 16, so a packed tile (16 / G tokens) never spans two windows: a best
+  case for packing (windows at random offsets would split some tiles).
 - section ``layer``: the whole layer's functional core without projections (compress MLP + compressed
   attention + importance/top-k + selected + sliding window + gated combine) via
   ``nsa_codegen.reference.nsa_attention``; each row says which branches ran on kernels and which ran
@@ -69,7 +71,7 @@ LABELS = {
     "layer_ours": "layer core: each branch on its nsa_codegen kernel where one exists (see 'branches')",
     "layer_reference": "layer core: every branch on the PyTorch reference",
     "fla_layer": "fla parallel_nsa: compression + top-k + selected (no sliding: flash_attn absent)",
-    "ours_local": "ours on local selections (16-token windows share block scores, +2% per-token noise)",
+    "ours_local": "ours on local selections (aligned 16-token windows share block scores, +2% per-token noise)",
     "branch_compressed": "layer branch alone: compressed attention, nsa_codegen.ops_compressed (ck/cv prebuilt)",
     "branch_topk": "layer branch alone: top-k block selection, nsa_codegen.ops_topk (forward only)",
     "branch_sliding": "layer branch alone: sliding-window attention, nsa_codegen.ops_window",

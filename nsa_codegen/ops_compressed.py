@@ -111,20 +111,18 @@ def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset
         )
 
     def launch_dkdv(cfg):
-        """Returns (d(ck), d(cv)); with several query chunks, summed from per-chunk fp32 partial sums in
-        a fixed order (deterministic, no atomics)."""
+        """Returns (d(ck), d(cv)), summed from per-chunk fp32 partial sums in a fixed order (deterministic,
+        no atomics). Also for one chunk (the same numbers: fp32, rounded once), so that no branch depends
+        on the query count: under torch.compile(dynamic=True) the chunk count stays symbolic, no guard."""
         constexprs, launch = cfg
         chunks, chunk = dkdv_chunks(nq, constexprs["BLOCK_M"] // module.GROUP)
-        ws_dtype = ck.dtype if chunks == 1 else torch.float32  # one chunk: write d(ck), d(cv) directly
-        dk_out = ops_window.alloc_output((chunks, *ck.shape), ck.device, ws_dtype)
-        dv_out = ops_window.alloc_output((chunks, *cv.shape), cv.device, ws_dtype)
+        dk_out = ops_window.alloc_output((chunks, *ck.shape), ck.device, torch.float32)
+        dv_out = ops_window.alloc_output((chunks, *cv.shape), cv.device, torch.float32)
         wrap(module.dkdv_kernel)[(triton.cdiv(nkv, constexprs["BLOCK_N"]), b * kh, chunks)](
             q, ck, cv, dout, lse, delta, dk_out, dv_out, *common, *dk_out.stride()[1:4], *dv_out.stride()[1:4],
             dk_out.stride(0), dv_out.stride(0), chunk, *scalars,
             **constexprs, **launch,
         )
-        if chunks == 1:
-            return dk_out[0], dv_out[0]
         return dk_out.sum(0).to(ck.dtype), dv_out.sum(0).to(cv.dtype)
 
     dq_cfg = tuned_kernel_config(module, "dq_kernel", d, q, config,
@@ -141,8 +139,9 @@ DKDV_MIN_CHUNK = 256  # query tokens per chunk: fewer and each program's K/V til
 
 def dkdv_chunks(nq, tokens: int):
     """(number of query chunks, tokens per chunk) for dkdv_kernel: up to DKDV_MAX_CHUNKS chunks of at
-    least DKDV_MIN_CHUNK tokens, each a multiple of the kernel's `tokens` per step (metadata only)."""
-    chunks = max(1, min(DKDV_MAX_CHUNKS, -(-nq // DKDV_MIN_CHUNK)))
+    least DKDV_MIN_CHUNK tokens, each a multiple of the kernel's `tokens` per step (nq >= 1). Metadata
+    only, and symbolic for a symbolic nq (torch.sym_min: no guard on the query count)."""
+    chunks = torch.sym_min(DKDV_MAX_CHUNKS, -(-nq // DKDV_MIN_CHUNK))
     per = -(-nq // chunks)
     per = -(-per // tokens) * tokens
     return -(-nq // per), per

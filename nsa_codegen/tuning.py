@@ -357,9 +357,11 @@ def decisions() -> dict:
 
 
 @contextlib.contextmanager
-def forced(config: dict):
-    """Inside: `forward_config` returns `config` (the candidate launches of the benchmark)."""
-    token = _FORCED.set(config)
+def forced(config: dict, kernel: Optional[str] = None):
+    """Inside: `kernel_config(..., kernel, ...)` returns `config` (the candidate launches of the benchmark).
+    Scoped to that kernel name (None: the single-kernel `forward_config`), so a forced forward config never
+    reaches another kernel launched inside the block (e.g. a backward whose kernels are named)."""
+    token = _FORCED.set((kernel, config))
     try:
         yield
     finally:
@@ -378,9 +380,9 @@ def kernel_config(module, kernel: Optional[str], head_dim: int, dtype: torch.dty
                   run: Callable[[dict], None], *, bench_fn: Optional[Callable] = None) -> tuple[dict, dict]:
     """`forward_config` for one named kernel of a module with several (e.g. "dq_kernel"): each kernel
     gets its own table key (`<variant>:<kernel>`), candidates from the module's shared CONFIGS."""
-    config = _FORCED.get()
-    if config is not None:
-        return split(config)
+    scoped = _FORCED.get()
+    if scoped is not None and scoped[0] == kernel:
+        return split(scoped[1])
     n = n if type(n) is int else _concrete(n)
     if n is not None:
         hit = _MEMO.get((module, kernel, head_dim, dtype, n_bucket(n), probe.device))

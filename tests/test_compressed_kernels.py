@@ -119,6 +119,20 @@ def test_cmp_dkdv_chunks_cover_the_queries(nq, tokens):
     assert (chunks - 1) * per < nq <= chunks * per
 
 
+def test_cmp_dkdv_chunks_add_no_guard_on_a_symbolic_length():
+    """Under torch.compile(dynamic=True) the query count is symbolic: the chunk count must stay symbolic
+    (a guard on it would recompile at every 256-token step up to 4096)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    nq = env.create_symintnode(env.create_symbol(3000, source=ConstantSource("nq")), hint=3000)
+    chunks, per = ops_compressed.dkdv_chunks(nq, 5)
+    assert isinstance(chunks, torch.SymInt) and isinstance(per, torch.SymInt)
+    assert (int(chunks.node.hint), int(per.node.hint)) == ops_compressed.dkdv_chunks(3000, 5)
+    assert not env.guards, [str(g.expr) for g in env.guards]
+
+
 @interpreter
 @pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])

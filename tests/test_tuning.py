@@ -331,6 +331,28 @@ def test_kernels_of_one_module_are_tuned_apart(monkeypatch):
     assert any("cmp_bwd_g16_causal:dkdv_kernel|" in k for k in keys)
 
 
+def test_forced_config_is_scoped_to_its_kernel(monkeypatch):
+    """A config forced for the selected forward (no BLOCK_M) must not reach the compressed backward's
+    named kernels launched inside the same block (they would fail on the missing key)."""
+    from nsa_codegen import ops_compressed
+    fwd_cfg = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    mod = cache.load_variant(VariantSpec("cmp_bwd", 0, 16, True))
+    probe = torch.zeros(1)
+    with tuning.forced(fwd_cfg):
+        assert tuning.forward_config(_module(), 128, torch.bfloat16, 64, probe, lambda c: None) == tuning.split(fwd_cfg)
+        got = tuning.kernel_config(mod, "dq_kernel", 128, torch.bfloat16, 64, probe, lambda c: None)
+        assert got == tuning.split(tuning.default_config(mod.CONFIGS, 128, 2))
+        if INTERPRET:  # the whole backward inside the block runs (on its own configs)
+            q = torch.randn(1, 9, 2, 16)
+            ck, cv = torch.randn(1, 3, 1, 16), torch.randn(1, 3, 1, 16)
+            kw = dict(num_mem=1, block_size=4, stride=4, causal=True, scale=0.25)
+            out, lse = ops_compressed.compressed_attention_fwd_launch(q, ck, cv, **kw)
+            ops_compressed.compressed_attention_bwd_launch(q, ck, cv, out, lse, torch.randn_like(out), **kw)
+    with tuning.forced({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}, kernel="dq_kernel"):
+        assert tuning.kernel_config(mod, "dq_kernel", 128, torch.bfloat16, 64, probe, lambda c: None)[0] == {
+            "BLOCK_M": 16, "BLOCK_N": 16}
+
+
 class _Picked(Exception):
     """Raised by the `_config` spy once the config is chosen: the interpreter's kernels (this lane)
     cannot take fake tensors, and the launch is not what these tests are about."""
