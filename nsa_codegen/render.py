@@ -81,13 +81,31 @@ def _tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
     return tile_configs(spec)
 
 
-def render(spec: VariantSpec) -> str:
+def render(spec: VariantSpec, **layout) -> str:
+    """The source of `spec`. `layout` (selected families, experiments only): force_pad=True (one token per
+    program, the group padded to 16 rows: the baseline packing must beat) or force_tpp=T (T tokens per
+    program); never part of the grid or the cache."""
     configs, dropped = _tile_configs(spec)
     if not configs:
         raise ValueError(f"{spec.name}: no tile config fits the resource model; dropped: {dropped}")
     template = _environment().get_template(spec.template)
     header = header_for(spec, configs, dropped)
-    return template.render(spec=spec, configs=configs, dropped=dropped, header=header)
+    return template.render(spec=spec, configs=configs, dropped=dropped, header=header, **layout)
+
+
+def load_with_layout(spec: VariantSpec, **layout):
+    """Import `render(spec, **layout)` from a fresh temporary file (experiments and their tests)."""
+    import importlib.util
+    import sys
+
+    tag = "_".join(f"{k}{int(v)}" for k, v in sorted(layout.items()))
+    path = Path(tempfile.mkdtemp(prefix="nsa_layout_")) / f"{spec.name}_{tag}.py"
+    path.write_text(render(spec, **layout))
+    mspec = importlib.util.spec_from_file_location(f"nsa_layout_{spec.name}_{tag}", path)
+    module = importlib.util.module_from_spec(mspec)
+    sys.modules[mspec.name] = module  # Triton's JIT resolves a kernel's globals through its module
+    mspec.loader.exec_module(module)
+    return module
 
 
 def read_header_sha(path: Path) -> str | None:

@@ -80,12 +80,12 @@ def _pow2(x: int) -> int:
     return 1 << (max(1, x) - 1).bit_length()
 
 
-def layout(spec: VariantSpec, force_pad: bool = False) -> dict:
+def layout(spec: VariantSpec, force_pad: bool = False, force_tpp: int | None = None) -> dict:
     """Structural layout of a selected-attention program (same rules as templates/_macros.j2)."""
     gp = _pow2(spec.group)
     lp = _pow2(spec.block_size)
-    tpp = 1 if (gp >= 16 or force_pad) else 16 // gp
-    rows = gp if gp >= 16 else 16
+    tpp = force_tpp or (1 if (gp >= 16 or force_pad) else 16 // gp)
+    rows = max(gp * tpp, 16)
     gather = tpp == 1 and spec.block_size < 16
     return {
         "BLOCK_M": rows,

@@ -11,18 +11,18 @@
    token per program, group padded to 16 MMA rows), G in {1, 2, 4, 8}, H = 4G, K = 4, same shape at
    n = 8192, with (a) random selections and (b) locally coherent selections (tokens of one 16-token
    window share most of their blocks, as NSA's importance scores of neighbouring queries do);
-4. resource model vs compiled kernels: predicted shared memory / registers against the compiled
+4. G = 16 with 2 or 4 tokens per program (over the union of their blocks) vs one, random and local
+   selections, n = 8k and 32k (`g16_tokens`);
+5. resource model vs compiled kernels: predicted shared memory / registers against the compiled
    kernel's `metadata.shared` and `n_regs` for a few variants.
 Everything printed is also written to DIR/gpu_select_check.json.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,17 +74,8 @@ def inputs(b, n, H, K, d, l, kk, causal, dtype, coherent=False, gates=True):
 
 
 def padded_module(spec: VariantSpec):
-    """Render `spec` with the padding baseline (one token per program) into a temp module."""
-    configs, dropped = resources.tile_configs(spec)
-    text = render._environment().get_template(spec.template).render(
-        spec=spec, configs=configs, dropped=dropped, header=render.header_for(spec, configs, dropped), force_pad=True)
-    path = Path(tempfile.mkdtemp()) / f"{spec.name}_pad.py"
-    path.write_text(text)
-    mspec = importlib.util.spec_from_file_location(f"nsa_pad_{spec.name}", path)
-    mod = importlib.util.module_from_spec(mspec)
-    sys.modules[mspec.name] = mod
-    mspec.loader.exec_module(mod)
-    return mod
+    """`spec` rendered with the padding baseline (one token per program, group padded to 16 rows)."""
+    return render.load_with_layout(spec, force_pad=True)
 
 
 def bench_pair(q, k, v, idx, valid, g, l, causal, fwd_mod=None, bwd_mod=None):
@@ -162,6 +153,31 @@ def packing():
             log("packing", json.dumps(row))
 
 
+def g16_tokens(ns=(8192, 32768), H=64, K=4, d=128, l=64, kk=16):
+    """G = 16 with several tokens per program (force_tpp 2, 4: 32 / 64 MMA rows over the union of the
+    tokens' blocks) against the default one token per program, on random and local selections: whether
+    packing tokens pays at G = 16 where selections have locality (it cannot share loads on random ones)."""
+    b = 1
+    RESULTS["g16_tokens"] = []
+    for n in ns:
+        for coherent in (False, True):
+            q, k, v, idx, valid, g = inputs(b, n, H, K, d, l, kk, True, torch.bfloat16, coherent=coherent, gates=False)
+            base = bench_pair(q, k, v, idx, valid, None, l, True)
+            row = {"n": n, "selection": "local" if coherent else "random", "tpp1_fwd_ms": base[0],
+                   "tpp1_fwd_bwd_ms": base[1]}
+            for tpp in (2, 4):
+                fm = render.load_with_layout(VariantSpec("select_fwd", l, 16, True), force_tpp=tpp)
+                bm = render.load_with_layout(VariantSpec("select_bwd", l, 16, True), force_tpp=tpp)
+                try:
+                    tf, tfb, (o, _) = bench_pair(q, k, v, idx, valid, None, l, True, fm, bm)
+                    row[f"tpp{tpp}_fwd_ms"], row[f"tpp{tpp}_fwd_bwd_ms"] = tf, tfb
+                    row[f"tpp{tpp}_max_diff"] = float((o.float() - base[2][0].float()).abs().max())
+                except Exception as exc:  # a layout that does not compile is reported, not fatal
+                    row[f"tpp{tpp}_error"] = repr(exc)[:200]
+            RESULTS["g16_tokens"].append(row)
+            log("g16_tokens", json.dumps(row))
+
+
 def resource_compare():
     d, dtype = 128, torch.bfloat16
     for name in ["select_fwd_bs64_g16_causal", "select_bwd_bs64_g16_causal", "select_fwd_bs64_g1_causal",
@@ -232,8 +248,8 @@ def main():
     args = ap.parse_args()
     RESULTS["env"] = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
     log("env", RESULTS["env"])
-    steps = {"smoke": smoke, "timing": lambda: timing(args.quick), "packing": packing, "resources": resource_compare,
-             "configs": config_sweep}
+    steps = {"smoke": smoke, "timing": lambda: timing(args.quick), "packing": packing, "g16_tokens": g16_tokens,
+             "resources": resource_compare, "configs": config_sweep}
     for name, fn in steps.items():
         if name in args.skip.split(","):
             continue

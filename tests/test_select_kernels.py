@@ -250,6 +250,33 @@ def test_batch_and_strided_inputs_interpreter():
 
 
 @interp
+@pytest.mark.parametrize("group,layout", [(16, {"force_tpp": 2}), (16, {"force_tpp": 4}), (4, {"force_pad": True}),
+                                          (2, {"force_tpp": 16})], ids=["g16-tpp2", "g16-tpp4", "g4-pad", "g2-tpp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_experimental_layouts_match_the_reference(group, layout, causal):
+    """The program layouts the GPU experiments render (render.load_with_layout): the padding baseline
+    packing is measured against, and more tokens per program than the default (at G = 16: several
+    tokens over the union of their blocks, for selections with locality). Forward and all gradients."""
+    from nsa_codegen import render
+    from nsa_codegen.spec import VariantSpec
+
+    n, K, d, l, kk = 45, 1, 16, 8, 3
+    inp = make_inputs(n=n, H=group * K, K=K, d=d, block_size=l, kk=kk, causal=causal, dtype=torch.float32,
+                      seed=60 + group)
+    fwd = render.load_with_layout(VariantSpec("select_fwd", l, group, causal), **layout)
+    bwd = render.load_with_layout(VariantSpec("select_bwd", l, group, causal), **layout)
+    expect_tpp = layout.get("force_tpp", 1)
+    assert fwd.TOKENS_PER_PROGRAM == bwd.TOKENS_PER_PROGRAM == expect_tpp
+    args = (inp["q"], inp["k"], inp["v"], inp["block_idx"], inp["block_valid"], inp["gates"])
+    kw = dict(block_size=l, causal=causal, scale=d ** -0.5)
+    out, lse = ops.selected_attention_fwd_launch(*args, **kw, module=fwd)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    dq, dk, dv, dg = ops.selected_attention_bwd_launch(*args, out, lse, dout, **kw, module=bwd)
+    got = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv, "dgates": dg}
+    check(got, reference_grads(inp, dout, **kw, dtype=torch.float32))
+
+
+@interp
 def test_noncausal_query_without_keys_gets_zero_and_finite_grads():
     inp = make_inputs(n=40, H=4, K=2, d=32, block_size=16, kk=2, causal=False, dtype=torch.float32, seed=5)
     inp["block_valid"][:, 7] = False  # token 7 has no key at all

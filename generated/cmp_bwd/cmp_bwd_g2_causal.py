@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g2_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_bwd", "group": 2}
-# template_sha256: 58300b95da9c40c4349df6a2f11d1bf6be0c4b9f62a748a2308f5f89ba56a54d
+# template_sha256: 5d12a5d30db6429791496e664a576bbd2a0a731ee6904384eff0061cc54d691f
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_fwd_g1_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "cmp_fwd", "group": 1}
-# template_sha256: f96977616f4beaf4db55360dafa794da08a8841967d36f1c81143e3a8f6362be
+# template_sha256: 7b026c0312fdb03c9e4a5bcf0a924f07ce57792a6d6e1ab662a76d4225900bf3
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_bwd_g2_causal
 # spec: {"block_size": 0, "causal": true, "family": "window_bwd", "group": 2}
-# template_sha256: 3e06dc26ce49a9f9db97ae3702f5fe1e57977b8c2ef63990d1bd7fe6f23b7d06
+# template_sha256: f102ac0559778faf3cd22e14aae6b791da1e3abd2644000ae077b0e10f3ff7ac
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_fwd_g1_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "window_fwd", "group": 1}
-# template_sha256: e39b1e9e101a0338fde7b88d3fe7481e74696ce2e91f7e3087e0c439fa5066b4
+# template_sha256: ee1c03cd4399bedfd2de78a047ecc8486d6e1307a68284d43dc3bd0cd4c1de99
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}
