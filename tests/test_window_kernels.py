@@ -136,12 +136,8 @@ def test_window_query_offset(causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("group", [1, 4])
 def test_window_backward_uses_exact_delta(group, causal):
-    """The backward computes delta_i = sum_j P_ij dP_ij itself (the saved output only seeds it): given an
-    output off by 1% (as a 16-bit O is off by up to 2^-9), the fp32 gradients still equal the reference's
-    to 1e-4, and sum_j dk_j = 0 (adding one vector to every key leaves the softmax unchanged). With
-    FlashAttention's delta = rowsum(dO * O) the rows of dk sum to -scale * sum_i (delta err)_i q_i instead
-    (as in test_compressed_kernels.py::test_cmp_backward_uses_exact_delta). Offset 3 with one key fewer
-    than positions: the first query rows see few keys."""
+    """The backward computes its own fp32 delta (dense_kernel_helpers.assert_backward_uses_exact_delta).
+    Offset 3 with one key fewer than positions: the first query rows see few keys."""
     b, n, K, d, window, offset = 2, 77, 2, 32, 9, 3
     H = group * K
     q, k, v, dout = make_inputs(b, n, n + offset - 1, H, K, d, torch.float32, "cpu", 500 + group)
