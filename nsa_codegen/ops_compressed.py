@@ -126,7 +126,7 @@ def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset
         return dk_out.sum(0).to(ck.dtype), dv_out.sum(0).to(cv.dtype)
 
     dq_cfg = tuned_kernel_config(module, "dq_kernel", d, q, config,
-                            lambda c: launch_dq(c, torch.empty_like(dq), torch.empty_like(delta)))
+                                 lambda c: launch_dq(c, torch.empty_like(dq), torch.empty_like(delta)))
     launch_dq(dq_cfg, dq, delta)
     dkdv_cfg = tuned_kernel_config(module, "dkdv_kernel", d, q, config, launch_dkdv)
     dck, dcv = launch_dkdv(dkdv_cfg)

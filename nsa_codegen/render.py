@@ -84,7 +84,8 @@ def _tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
 def render(spec: VariantSpec, **layout) -> str:
     """The source of `spec`. `layout` (selected families, experiments only): force_pad=True (one token per
     program, the group padded to 16 rows: the baseline packing must beat) or force_tpp=T (T tokens per
-    program); never part of the grid or the cache."""
+    program); never part of the grid or the cache. The tile configs stay those the resource model kept for
+    the default layout (a forced layout with more rows may need fewer stages than the first config has)."""
     configs, dropped = _tile_configs(spec)
     if not configs:
         raise ValueError(f"{spec.name}: no tile config fits the resource model; dropped: {dropped}")
