@@ -1,29 +1,30 @@
-"""Where the selected-attention backward spends its time (run on the H200; short table last).
+"""Where the selected-attention backward spends its time on a CUDA GPU (short table last).
 
-  python scripts/gpu_select_bwd_profile.py [--ns 8192,65536]
+  python3 benchmarks/profile/select_bwd_profile.py [--ns 8192,65536] [--out DIR]
 
-bf16, b=1, H=64, K=4, d=128, l'=64, kk=16, causal, random causal-valid selections (as the benchmark):
-forward; backward total (launcher: dq kernel (+ delta) + selection inversion + dkv kernel + casts); the
-inversion alone; the dkv kernel alone under several (num_warps, num_stages). G=16 (shared selection) and G=1 (unshared: every query head selects). JSON -> $OUT.
+bf16, b=1, H=64, K=4, d=128, l'=64, kk=16, causal, random causal-valid selections (as in the benchmark):
+the forward; the whole backward (launcher: dq kernel (+ delta) + selection inversion + dkv kernel +
+casts); the inversion alone; the dkv kernel alone under several (num_warps, num_stages). G=16 (shared
+selection) and G=1 (unshared: every query head selects). Writes DIR/select_bwd_profile.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # select_check beside this file
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from gpu_select_check import selection  # noqa: E402
-from nsa_codegen import cache, dispatch, ops  # noqa: E402
+from select_check import selection  # noqa: E402
+from nsa_codegen.codegen import cache  # noqa: E402
+from nsa_codegen.codegen.spec import VariantSpec  # noqa: E402
+from nsa_codegen.kernels import selected  # noqa: E402
 
 
 def ms(fn):
@@ -39,14 +40,14 @@ def profile(n, shared, H=64, K=4, d=128, l=64, kk=16):
     idx, valid = selection(1, n, hs, l, kk, True, dev)
     g = (0.5 + torch.rand(idx.shape, device=dev)).to(dt)
     kw = dict(block_size=l, causal=True, scale=d ** -0.5)
-    out, lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
+    out, lse = selected.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
     dout = torch.randn_like(out)
-    bwd_mod = cache.load_variant(dispatch.select_specs(q, k, idx, block_size=l, causal=True)[1])
+    bwd_mod = cache.load_variant(VariantSpec("select_bwd", l, H // K if shared else 1, True))
     row = {"n": n, "G": H // K if shared else 1, "H": H, "K": K}
-    row["fwd"] = ms(lambda: ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw))
-    row["bwd"] = ms(lambda: ops.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, dout, **kw))
-    row["schedule"] = ms(lambda: ops.dkv_schedule(idx, valid, n, l, True, bwd_mod.DKV_SEGMENT))
-    entries, segments = ops.dkv_schedule(idx, valid, n, l, True, bwd_mod.DKV_SEGMENT)
+    row["fwd"] = ms(lambda: selected.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw))
+    row["bwd"] = ms(lambda: selected.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, dout, **kw))
+    row["schedule"] = ms(lambda: selected.dkv_schedule(idx, valid, n, l, True, bwd_mod.DKV_SEGMENT))
+    entries, segments = selected.dkv_schedule(idx, valid, n, l, True, bwd_mod.DKV_SEGMENT)
     row["segments"] = int(segments.shape[1])
     row["live_segments"] = int((segments[..., 0] >= 0).sum())
     delta = (dout.float() * out.float()).sum(-1)
@@ -55,8 +56,8 @@ def profile(n, shared, H=64, K=4, d=128, l=64, kk=16):
     row["dkv"] = {}
     for warps, stages in ((8, 1), (8, 2), (4, 1), (4, 2), (8, 3)):
         try:
-            row["dkv"][f"w{warps}s{stages}"] = ms(lambda: ops._launch_dkv(
-                bwd_mod, ops._no_wrap, q, k, v, g, g.stride(), True, dout, lse, delta, dk, dv, entries, segments,
+            row["dkv"][f"w{warps}s{stages}"] = ms(lambda: selected._launch_dkv(
+                bwd_mod, selected._no_wrap, q, k, v, g, g.stride(), True, dout, lse, delta, dk, dv, entries, segments,
                 hs, kk, d ** -0.5, num_warps=warps, num_stages=stages))
         except Exception as exc:  # noqa: BLE001
             row["dkv"][f"w{warps}s{stages}"] = repr(exc)[:200]
@@ -66,7 +67,7 @@ def profile(n, shared, H=64, K=4, d=128, l=64, kk=16):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ns", default="8192,65536")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=".", help="folder for select_bwd_profile.json")
     a = ap.parse_args()
     rows = []
     for n in [int(x) for x in a.ns.split(",")]:
@@ -77,6 +78,7 @@ def main():
                 rows.append({"n": n, "shared": shared, "error": repr(exc)[:400]})
             print(json.dumps(rows[-1]), flush=True)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     Path(a.out, "select_bwd_profile.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print(f"{'n':>6} {'G':>3} {'fwd':>8} {'bwd':>8} {'sched':>7} segs(live)  dkv by warps/stages")
     for r in rows:

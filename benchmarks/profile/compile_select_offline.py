@@ -1,19 +1,23 @@
-"""Compile selected-attention variants for sm_90 without a GPU (Triton's bundled ptxas) and compare
-the compiled shared memory with nsa_codegen.resources.predict. Registers are only known at load time
-(on a GPU: scripts/gpu_select_check.py). Usage: python scripts/compile_select_offline.py [names...]"""
+"""Compile selected-attention variants for sm_90 without a GPU (Triton's bundled ptxas) and compare the
+compiled shared memory with the resource model (nsa_codegen.codegen.resources.selected.predict).
+Registers are only known at load time (on a GPU: select_check.py's `resources` section).
+
+    python3 benchmarks/profile/compile_select_offline.py [variant names...]
+"""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from nsa_codegen import cache, resources  # noqa: E402
-from nsa_codegen.spec import VariantSpec  # noqa: E402
+from nsa_codegen.codegen import cache  # noqa: E402
+from nsa_codegen.codegen.resources import selected as resources  # noqa: E402
+from nsa_codegen.codegen.spec import VariantSpec  # noqa: E402
 
 PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 

@@ -1,6 +1,8 @@
-"""GPU check of the selected-attention kernels (run on the H200; prints a short table last).
+"""GPU check of the selected-attention kernels on a CUDA GPU (prints a short table last).
 
-  python scripts/gpu_select_check.py [--out DIR] [--quick]
+  python3 benchmarks/profile/select_check.py [--out DIR] [--quick] [--skip SECTION,...]
+
+Sections (in order; --skip takes their names: smoke, timing, packing, g16_tokens, resources, configs):
 
 1. smoke: forward + backward of a few variants against the reference (bf16), so compile errors show
    first;
@@ -14,27 +16,29 @@
 4. G = 16 with 2 or 4 tokens per program (over the union of their blocks) vs one, random and local
    selections, n = 8k and 32k (`g16_tokens`);
 5. resource model vs compiled kernels: predicted shared memory / registers against the compiled
-   kernel's `metadata.shared` and `n_regs` for a few variants.
-Everything printed is also written to DIR/gpu_select_check.json.
+   kernel's `metadata.shared` and `n_regs` for a few variants (`resources`);
+6. forward and forward + backward of n=8192 at G=16 and G=1 under every kept tile config (`configs`).
+Everything printed is also written to DIR/select_check.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from nsa_codegen import cache, ops, reference, render, resources  # noqa: E402
-from nsa_codegen.spec import VariantSpec  # noqa: E402
+from nsa_codegen import reference  # noqa: E402
+from nsa_codegen.codegen import cache, render  # noqa: E402
+from nsa_codegen.codegen.resources import selected as resources  # noqa: E402
+from nsa_codegen.codegen.spec import VariantSpec  # noqa: E402
+from nsa_codegen.kernels import selected  # noqa: E402
 
 RESULTS: dict = {"env": {}, "smoke": [], "timing": [], "packing": [], "resources": []}
 
@@ -81,13 +85,13 @@ def padded_module(spec: VariantSpec):
 def bench_pair(q, k, v, idx, valid, g, l, causal, fwd_mod=None, bwd_mod=None):
     scale = q.shape[-1] ** -0.5
     kw = dict(block_size=l, causal=causal, scale=scale)
-    out, lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw, module=fwd_mod)
+    out, lse = selected.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw, module=fwd_mod)
     dout = torch.randn_like(out)
-    f = lambda: ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw, module=fwd_mod)  # noqa: E731
+    f = lambda: selected.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw, module=fwd_mod)  # noqa: E731
 
     def fb():
-        o, s = ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw, module=fwd_mod)
-        ops.selected_attention_bwd_launch(q, k, v, idx, valid, g, o, s, dout, **kw, module=bwd_mod)
+        o, s = selected.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw, module=fwd_mod)
+        selected.selected_attention_bwd_launch(q, k, v, idx, valid, g, o, s, dout, **kw, module=bwd_mod)
 
     tf = do_bench(f, quantiles=[0.5, 0.2, 0.8], warmup=5, rep=50)
     tfb = do_bench(fb, quantiles=[0.5, 0.2, 0.8], warmup=5, rep=50)
@@ -106,9 +110,9 @@ def smoke():
             g = g.repeat_interleave(H // K, dim=2).contiguous()
         kw = dict(block_size=l, causal=causal, scale=d ** -0.5)
         t0 = time.time()
-        out, lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
+        out, lse = selected.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
         dout = torch.randn_like(out)
-        dq, dk, dv, dg = ops.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, dout, **kw)
+        dq, dk, dv, dg = selected.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, dout, **kw)
         torch.cuda.synchronize()
         dt = time.time() - t0
         errs = {}
@@ -190,11 +194,11 @@ def resource_compare():
         H, K = G * 2, 2
         q, k, v, idx, valid, g = inputs(1, 512, H, K, d, l, 4, spec.causal, dtype)
         kw = dict(block_size=l, causal=spec.causal, scale=d ** -0.5)
-        out, lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
+        out, lse = selected.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
         if fam == "select_bwd":
-            ops.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, torch.randn_like(out), **kw)
+            selected.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, torch.randn_like(out), **kw)
         torch.cuda.synchronize()
-        cfg_kw, launch = ops._config(mod, d, dtype)
+        cfg_kw, launch = selected._config(mod, d, dtype)
         compiled = None
         for dev_cache in mod.kernel.device_caches.values() if hasattr(mod.kernel, "device_caches") else []:
             for kern in dev_cache[0].values():
@@ -242,7 +246,7 @@ def config_sweep():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=".", help="folder for select_check.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="")
     args = ap.parse_args()
@@ -263,7 +267,7 @@ def main():
             RESULTS.setdefault("errors", []).append(f"{name}: {exc!r}")
         log(f"[{name}] {time.time() - t0:.1f}s")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_select_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    (Path(args.out) / "select_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     log("\n==== summary ====")
     for r in RESULTS["smoke"]:
         log(f"smoke l={r['l']:3d} H={r['H']:2d} K={r['K']} causal={r['causal']!s:5} shared={r['shared']!s:5} "

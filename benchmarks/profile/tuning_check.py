@@ -1,12 +1,13 @@
-"""GPU check of the persisted forward tuning (nsa_codegen/tuning.py); run on the H200, about 1-2 minutes.
+"""First-call cost and steady-state gain of the persisted tile-config tuning (nsa_codegen/kernels/tuning.py)
+on a CUDA GPU; about 1-2 minutes on an H200.
 
-  python3 scripts/gpu_tuning_check.py [--out DIR]
+  python3 benchmarks/profile/tuning_check.py [--out DIR]
 
-Case: `nsa_codegen.ops.selected_attention` forward, n=8192, b=1, H=64, K=4 (G=16), d=128, l'=64, kk=16
+Case: `nsa_codegen.kernels.selected.selected_attention` forward, n=8192, b=1, H=64, K=4 (G=16), d=128, l'=64, kk=16
 random causal selections, no gates, bf16. Each scenario is a fresh process (its own
 NSA_CODEGEN_CACHE / TRITON_CACHE_DIR) that times its first call (host clock, synchronized):
 
-  untuned-cold   NSA_CODEGEN_TUNE=0, empty Triton cache: today's first call (compile the default config)
+  untuned-cold   NSA_CODEGEN_TUNE=0, empty Triton cache: first call without tuning (compile the default config)
   tuned-cold     empty tuning table, empty Triton cache: compile + benchmark every fitting config, persist
   tuned-warm     the table and Triton cache of tuned-cold: table lookup + cached binary
   untuned-warm   NSA_CODEGEN_TUNE=0, the Triton cache of untuned-cold
@@ -16,8 +17,8 @@ tuned-warm also measures the steady state: every candidate with a long do_bench 
 benchmark pick the best?), default vs tuned interleaved 3x, the warm `_config` cost (us per call), a
 call under torch.cuda.set_sync_debug_mode("error") (no host sync on the warm path), and default vs
 tuned outputs. tuned-cold checks that its first output (computed around the benchmark) equals its second.
-Writes DIR/gpu_tuning_check.json (DIR: --out, else $OUT, else /tmp/out) and the tuning table beside it;
-prints a short table last. The repo root is put on sys.path / PYTHONPATH (no install needed).
+Writes DIR/tuning_check.json (DIR: --out, default the current folder) and the tuning table beside it;
+prints a short table last. The repository root is put on sys.path / PYTHONPATH (no install needed).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 B, N, H, K, D, L, KK = 1, 8192, 64, 4, 128, 64, 16
 SCENARIOS = ["untuned-cold", "tuned-cold", "tuned-warm", "untuned-warm", "table-only"]
 CHILD_TIMEOUT_S = 100  # per scenario process
@@ -53,7 +54,9 @@ def child(mode: str, result_path: str) -> None:
     import triton
     from triton.testing import do_bench
 
-    from nsa_codegen import cache, dispatch, ops, tuning
+    from nsa_codegen.codegen import cache
+    from nsa_codegen.codegen.spec import VariantSpec
+    from nsa_codegen.kernels import selected, tuning
 
     res = {"mode": mode, "import_s": time.perf_counter() - t_start, "tune_env": os.environ.get("NSA_CODEGEN_TUNE"),
            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__}
@@ -69,7 +72,7 @@ def child(mode: str, result_path: str) -> None:
     idx = scores.argsort(dim=-1)[..., :KK].to(torch.int32).contiguous()
     valid = (idx < own[None, :, None, None]).contiguous()
     kw = dict(block_size=L, causal=True, scale=D ** -0.5)
-    f = lambda: ops.selected_attention(q, k, v, idx, valid, None, **kw)  # noqa: E731
+    f = lambda: selected.selected_attention(q, k, v, idx, valid, None, **kw)  # noqa: E731
     torch.cuda.synchronize()
 
     t0 = time.perf_counter()
@@ -82,10 +85,10 @@ def child(mode: str, result_path: str) -> None:
     res["second_call_s"] = time.perf_counter() - t0
     res["first_equals_second"] = bool(torch.equal(out, out2))
 
-    mod = cache.load_variant(dispatch.select_specs(q, k, idx, block_size=L, causal=True)[0])
+    mod = cache.load_variant(VariantSpec("select_fwd", L, H // K, True))
     fwd_args = (q, k, v, idx, valid, None, L, True, kw["scale"])
-    used = ops._config(mod, D, q.dtype, fwd_args)  # warm: what the calls above used
-    default = ops._pick_config(mod, D, 2)
+    used = selected._config(mod, D, q.dtype, fwd_args)  # warm: what the calls above used
+    default = selected._pick_config(mod, D, 2)
     res["variant"] = tuning.variant_name(mod)
     res["config"] = {**used[0], **used[1]}
     res["default_config"] = {**default[0], **default[1]}
@@ -120,11 +123,11 @@ def child(mode: str, result_path: str) -> None:
         reps = 20000
         t0 = time.perf_counter()
         for _ in range(reps):
-            ops._config(mod, D, q.dtype, fwd_args)
+            selected._config(mod, D, q.dtype, fwd_args)
         res["config_tuned_us"] = (time.perf_counter() - t0) / reps * 1e6
         t0 = time.perf_counter()
         for _ in range(reps):
-            ops._config(mod, D, q.dtype)
+            selected._config(mod, D, q.dtype)
         res["config_untuned_us"] = (time.perf_counter() - t0) / reps * 1e6
         torch.cuda.synchronize()
         try:
@@ -170,7 +173,7 @@ def label(c) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    ap.add_argument("--out", default=".", help="folder for tuning_check.json and tuning_table.json")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "RESULT"))
     args = ap.parse_args()
     if args.child:
@@ -214,7 +217,7 @@ def main() -> None:
         shutil.copy(table, out_dir / "tuning_table.json")
     summary = {"case": dict(b=B, n=N, H=H, K=K, d=D, l=L, kk=KK, dtype="bfloat16", causal=True, gates=False),
                "total_s": time.perf_counter() - t_all, "scenarios": results}
-    (out_dir / "gpu_tuning_check.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "tuning_check.json").write_text(json.dumps(summary, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
     print_table(summary, out_dir)
 
@@ -249,7 +252,7 @@ def print_table(summary: dict, out_dir: Path) -> None:
         log(f"warm _config: tuned {warm['config_tuned_us']:.2f} us/call, untuned {warm['config_untuned_us']:.2f} us/call; "
             f"sync-free warm call: {warm['warm_call_sync_free']}; |default - tuned| out {warm['max_abs_diff_default_vs_tuned']:.3g}; "
             f"cold first == second output: {cold.get('first_equals_second')}")
-    log(f"total {summary['total_s']:.0f} s; JSON: {out_dir / 'gpu_tuning_check.json'}")
+    log(f"total {summary['total_s']:.0f} s; JSON: {out_dir / 'tuning_check.json'}")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
-"""Time one layer branch alone (forward and forward+backward) on the GPU at the bench settings: b=1, H=64,
-K=4, d=128, causal, bf16; sliding window W=512; compressed attention l=32, s=16, M=1 (ck, cv given, as
-the bench's branch_compressed row). For comparing a kernel change against main: run it on the checkout
-(and through scripts/gpu_pending_check.sh for a pending patch). Writes $OUT/branch_timing.json.
+"""Time one layer branch alone (forward and forward + backward) on a CUDA GPU at the bench settings: b=1,
+H=64, K=4, d=128, causal, bf16; sliding window W=512; compressed attention l=32, s=16, M=1 (ck, cv given,
+as in the bench's branch_compressed row). Run it before and after a kernel change to compare the two.
+Prints one JSON line per (branch, n) and the tile configs tuning chose; writes DIR/branch_timing.json.
 
-    python3 scripts/gpu_branch_timing.py [window|compressed ...] [--n 16384,65536]
+    python3 benchmarks/profile/branch_timing.py [window|compressed ...] [--n 16384,65536] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -23,14 +22,14 @@ H, K, D = 64, 4, 128
 
 
 def window_call(n):
-    from nsa_codegen.ops_window import sliding_window_attention
+    from nsa_codegen.kernels.window import sliding_window_attention
 
     q, k, v = (torch.randn(1, n, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (H, K, K))
     return (q, k, v), lambda: sliding_window_attention(q, k, v, window=512, causal=True, scale=D ** -0.5)
 
 
 def compressed_call(n):
-    from nsa_codegen.ops_compressed import compressed_attention
+    from nsa_codegen.kernels.compressed import compressed_attention
 
     rows = 1 + n // 16
     q = torch.randn(1, n, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -50,6 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("branches", nargs="*", default=list(BRANCHES))
     ap.add_argument("--n", default="16384,65536")
+    ap.add_argument("--out", default=".", help="folder for branch_timing.json")
     a = ap.parse_args()
     rows = []
     for name in a.branches:
@@ -69,10 +69,10 @@ def main():
             del inputs, fwd, dout
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    from nsa_codegen import tuning
+    from nsa_codegen.kernels import tuning
     for key, dec in tuning.decisions().items():  # tuned configs chosen on the first calls
         print("tuning", key, dec.get("source"), dec.get("config"), [round(t, 3) for t in dec.get("times_ms", [])])
-    out = Path(os.environ.get("OUT", "."))
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "branch_timing.json").write_text(json.dumps(
         {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

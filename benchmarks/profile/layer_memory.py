@@ -1,49 +1,62 @@
-"""Issue 4 figures on the H200: one whole SparseAttention layer (every branch on the generated kernels)
-forward + backward at n = 16k, 32k, 64k, beside dense causal SDPA (flash and cuDNN backends) in the same run.
+"""Peak memory and time of one whole SparseAttention layer (every branch on the generated kernels),
+forward + backward, at several n, beside dense causal SDPA (flash and cuDNN backends) in the same run.
 
 Shapes: b = 1, H = 64, K = 4 (G = 16), d = 128, l = 32, s = 16, l' = 64, k = 16, W = 512, bf16, causal.
-dim = 1024 (env DIM): the module's two projections (to_qkv: dim -> (H + 2K) d, combine_heads: H d -> dim)
-are not attention, and dense SDPA gets no projections, so a small model width keeps the comparison on the
-attention; q, k, v and every attention tensor have the same shapes as at dim = H * d = 8192 (which adds
-about 2 x 9 TFLOP of projection GEMMs at 64k and 1 GiB per (n, dim) activation).
-SDPA gets q, k, v of shape (1, H, n, d): k and v expanded to all 64 heads, as a dense layer would hold them.
+The model width is --dim (default 1024): the module's two projections (to_qkv: dim -> (H + 2K) d,
+combine_heads: H d -> dim) are not attention and dense SDPA gets none, so a small width keeps the
+comparison on the attention; q, k, v and every attention tensor have the same shapes as at
+dim = H * d = 8192 (which would add about 2 x 9 TFLOP of projection GEMMs at 64k and 1 GiB per (n, dim)
+activation). SDPA gets q, k, v of shape (1, H, n, d): k and v expanded to all 64 heads, as a dense layer
+would hold them.
 
-Per n (env SIZES, default 16384,32768,65536):
+Per n (--sizes, default 16384,32768,65536):
   memory: after a warm-up pass (compiles the kernels at the first n), with x and every .grad freed, the peak
     of torch.cuda.max_memory_allocated() over one forward + backward, minus what was allocated before it
     (parameters + x); also what the forward leaves allocated for the backward (saved activations + output).
-    Linear growth shows as a constant bytes per token. The same for SDPA flash / cuDNN.
-  time (at the largest n; env TIME_ALL=1 for every n): triton.testing.do_bench medians of the forward and of
+    Linear growth shows as a constant number of bytes per token. The same for SDPA flash / cuDNN.
+  time (at the largest n; --time-all for every n): triton.testing.do_bench medians of the forward and of
     forward + backward (grads set to None before each call).
-Writes $OUT/layer_memory.json (after every measurement, so a timeout keeps what was done) and prints a
-short table last. Runs in about 2-3 minutes (most of it the first-call compilation of the kernels); with
-TIME_ALL=1, timings at the smaller n are skipped once BUDGET_S (default 210) seconds have passed.
+Writes DIR/layer_memory.json after every measurement (an interrupted run keeps what was done) and prints a
+short table last. Takes about 2-3 minutes on an H200, most of it the first-call compilation of the
+kernels; with --time-all, timings at the smaller n are skipped once --budget-s seconds (default 210)
+have passed.
 
-Run on the GPU machine from the repository root: `PYTHONPATH=$PWD python3 scripts/gpu_layer_memory.py`.
+    python3 benchmarks/profile/layer_memory.py [--sizes 16384,32768,65536] [--dim 1024] [--time-all]
+                                               [--budget-s 210] [--out DIR]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 from nsa_codegen import SparseAttention  # noqa: E402
 
+_ap = argparse.ArgumentParser(description="peak memory and time of one SparseAttention layer vs dense SDPA")
+_ap.add_argument("--sizes", default="16384,32768,65536", help="sequence lengths n, comma-separated")
+_ap.add_argument("--dim", type=int, default=1024, help="model width (projections only; attention shapes fixed)")
+_ap.add_argument("--time-all", action="store_true", help="time every n, not only the largest")
+_ap.add_argument("--budget-s", type=float, default=210, help="with --time-all: skip timings after this many s")
+_ap.add_argument("--out", default=".", help="folder for layer_memory.json")
+ARGS = _ap.parse_args()
+
 H, K, D = 64, 4, 128
-DIM = int(os.environ.get("DIM", "1024"))
+DIM = ARGS.dim
 L, S, LSEL, TOPK, W = 32, 16, 64, 16, 512
-SIZES = [int(s) for s in os.environ.get("SIZES", "16384,32768,65536").split(",")]
-TIME_AT = set(SIZES) if os.environ.get("TIME_ALL") == "1" else {max(SIZES)}
-BUDGET_S = float(os.environ.get("BUDGET_S", "210"))
-OUT_DIR = os.environ.get("OUT", ".")
+SIZES = [int(s) for s in ARGS.sizes.split(",")]
+TIME_AT = set(SIZES) if ARGS.time_all else {max(SIZES)}
+BUDGET_S = ARGS.budget_s
+OUT_DIR = ARGS.out
 T0 = time.time()
 GiB = 2 ** 30
 BACKENDS = (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION))
