@@ -6,7 +6,7 @@ What is timed (bf16, b=1, H=64, K=4 so G=16, d=128, l=32, s=16, l'=64, k=16, W=5
 
 - section ``selected``: the selected-block branch (spec section 5), forward and forward+backward, at
   n in {4k, 8k, 16k, 32k, 64k}, for
-    ours         nsa_codegen.ops.selected_attention (generated Triton kernels)
+    ours         nsa_codegen.kernels.selected.selected_attention (generated Triton kernels)
     fla          fla-core 0.6.0 ``fla.ops.nsa.parallel_nsa`` with the same block indices
     nsa_pytorch  native-sparse-attention-pytorch 0.2.3 Triton ``native_sparse_attend``
     flex         torch FlexAttention, a BlockMask expressing the same selection (if it compiles in time)
@@ -72,9 +72,9 @@ LABELS = {
     "layer_reference": "layer core: every branch on the PyTorch reference",
     "fla_layer": "fla parallel_nsa: compression + top-k + selected (no sliding: flash_attn absent)",
     "ours_local": "ours on local selections (aligned 16-token windows share block scores, +2% per-token noise)",
-    "branch_compressed": "layer branch alone: compressed attention, nsa_codegen.ops_compressed (ck/cv prebuilt)",
-    "branch_topk": "layer branch alone: top-k block selection, nsa_codegen.ops_topk (forward only)",
-    "branch_sliding": "layer branch alone: sliding-window attention, nsa_codegen.ops_window",
+    "branch_compressed": "layer branch alone: compressed attention, nsa_codegen.kernels.compressed (ck/cv prebuilt)",
+    "branch_topk": "layer branch alone: top-k block selection, nsa_codegen.kernels.topk (forward only)",
+    "branch_sliding": "layer branch alone: sliding-window attention, nsa_codegen.kernels.window",
     "branch_compress_mlp": "layer branch alone: the two compression MLPs (k and v), torch (cuBLAS)",
 }
 
@@ -380,7 +380,7 @@ def _fwd_or_fwdbwd(torch, mode, fwd, nxt, grad_idx, bhnd=False):
 def impl_ours(bench, inp, sel, mode, scale, l):
     torch = bench.torch
     if bench.ops is None:
-        raise RuntimeError(f"nsa_codegen.ops not importable: {bench.ops_error}")
+        raise RuntimeError(f"nsa_codegen.kernels.selected not importable: {bench.ops_error}")
     idx, valid = sel
     op = bench.ops.selected_attention
     prepared = []
@@ -848,7 +848,7 @@ def impl_branch(which):
             return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), tuple(range(12)))
         sets = _branch_setup(bench, inp, params, cfg, rg)
         if which == "compressed":
-            from nsa_codegen.ops_compressed import compressed_attention
+            from nsa_codegen.kernels.compressed import compressed_attention
 
             def fwd(q, ck, cv):
                 return compressed_attention(q, ck, cv, num_mem=M, block_size=l, stride=s, causal=True,
@@ -856,7 +856,7 @@ def impl_branch(which):
             prepared = [(q, ck, cv, do) for q, k, v, do, ck, cv in sets]
             return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), (0, 1, 2))
         if which == "topk":
-            from nsa_codegen.ops_topk import select_topk
+            from nsa_codegen.kernels.topk import select_topk
             if mode != "fwd":
                 raise NotImplementedError("select_topk has no gradient without use_diff_topk")
 
@@ -866,7 +866,7 @@ def impl_branch(which):
             prepared = [(q.detach(), ck.detach(), None) for q, k, v, do, ck, cv in sets]
             return _fwd_or_fwdbwd(torch, mode, fwd, inp.cycle(prepared), ())
         if which == "sliding":
-            from nsa_codegen.ops_window import sliding_window_attention
+            from nsa_codegen.kernels.window import sliding_window_attention
 
             def fwd(q, k, v):
                 return sliding_window_attention(q, k, v, window=W, causal=True, scale=scale)
@@ -878,9 +878,9 @@ def impl_branch(which):
 
 # (impl name, branch, timed with backward?, budget power in n, where it runs)
 BRANCH_PLAN = (
-    ("branch_compressed", "compressed", True, 2.0, "kernel (nsa_codegen.ops_compressed, generated Triton)"),
-    ("branch_topk", "topk", False, 2.0, "kernel (nsa_codegen.ops_topk, generated Triton)"),
-    ("branch_sliding", "sliding", True, 1.0, "kernel (nsa_codegen.ops_window, generated Triton)"),
+    ("branch_compressed", "compressed", True, 2.0, "kernel (nsa_codegen.kernels.compressed, generated Triton)"),
+    ("branch_topk", "topk", False, 2.0, "kernel (nsa_codegen.kernels.topk, generated Triton)"),
+    ("branch_sliding", "sliding", True, 1.0, "kernel (nsa_codegen.kernels.window, generated Triton)"),
     ("branch_compress_mlp", "compress_mlp", True, 1.0, "torch (cuBLAS)"),
 )
 
@@ -932,7 +932,7 @@ def _compiled_kernels(jit_obj):
 
 
 def _resource_module(spec):
-    """The sympy resource model of a family, routed as nsa_codegen.render does."""
+    """The sympy resource model of a family, routed as nsa_codegen.codegen.render does."""
     if spec is None:
         return None
     import importlib
@@ -946,21 +946,21 @@ def _resource_module(spec):
 
 def resource_report(bench) -> list[dict]:
     """For each generated variant loaded in this process: each compiled kernel's registers, spills
-    and shared memory, next to nsa_codegen.resources' prediction where that exists."""
+    and shared memory, next to nsa_codegen.codegen.resources.selected' prediction where that exists."""
     import triton
 
     report = []
     try:
-        from nsa_codegen import resources as res
+        from nsa_codegen.codegen.resources import selected as res
     except Exception as exc:  # noqa: BLE001
         res = None
-        bench.notes.append(f"nsa_codegen.resources not importable: {_short_err(exc)}")
+        bench.notes.append(f"nsa_codegen.codegen.resources.selected not importable: {_short_err(exc)}")
     mods = {k: m for k, m in list(sys.modules.items()) if k.startswith("nsa_codegen._variants.")}
     for modname, mod in sorted(mods.items()):
         vname = modname.rsplit(".", 1)[-1]
         spec = None
         try:
-            from nsa_codegen.spec import VariantSpec
+            from nsa_codegen.codegen.spec import VariantSpec
             spec = VariantSpec.from_name(vname)
         except Exception:  # noqa: BLE001
             pass
@@ -1004,7 +1004,7 @@ def resource_report(bench) -> list[dict]:
                     ent["error"] = _short_err(exc)
                 report.append(ent)
         try:  # which template source the timed kernels came from
-            from nsa_codegen import render as _render
+            from nsa_codegen.codegen import render as _render
             report.append(dict(variant=vname, kernel="(template)",
                                template_sha256=_render.template_sha256(spec.template)))
         except Exception:  # noqa: BLE001
@@ -1357,7 +1357,7 @@ def print_table(result):
                 else:
                     cells.append(r["status"])
             print(f"n={n:6d} G={G:2d} {mode:6s} " + " | ".join(cells))
-    print("\nresources (compiled kernels; predicted = nsa_codegen.resources.predict):")
+    print("\nresources (compiled kernels; predicted = nsa_codegen.codegen.resources.selected.predict):")
     for e in result.get("resources", []):
         if "n_regs" in e:
             pr = e.get("predicted")
@@ -1506,11 +1506,11 @@ def main(argv=None) -> int:
     info = env_info(torch)
     bench.log(f"{info.get('gpu')} torch {info['torch']} triton {info['triton']} budget {args.budget:.0f} s")
     try:
-        from nsa_codegen import ops
+        from nsa_codegen.kernels import selected as ops
         bench.ops = ops
     except Exception as exc:  # noqa: BLE001
         bench.ops_error = _short_err(exc)
-        bench.log(f"nsa_codegen.ops not importable: {bench.ops_error}")
+        bench.log(f"nsa_codegen.kernels.selected not importable: {bench.ops_error}")
 
     warmers = start_warmers(bench)
     ceilings = {}

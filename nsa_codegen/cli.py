@@ -6,8 +6,8 @@ import sys
 
 
 def _generate(args) -> int:
-    from .render import GENERATED_DIR, generate
-    from .variants import default_variants
+    from .codegen.render import GENERATED_DIR, generate
+    from .codegen.variants import default_variants
 
     result = generate(default_variants(), GENERATED_DIR)
     print(f"{result['total']} variants in {GENERATED_DIR}: {len(result['changed'])} files written, "
@@ -18,7 +18,7 @@ def _generate(args) -> int:
 
 
 def _list(args) -> int:
-    from .variants import default_variants
+    from .codegen.variants import default_variants
 
     for spec in default_variants():
         print(spec.name, spec.key)
@@ -26,7 +26,7 @@ def _list(args) -> int:
 
 
 def _cache(args) -> int:
-    from . import cache
+    from .codegen import cache
 
     if args.action == "clear":
         print(f"removed {cache.clear()} entries from {cache.cache_dir()}")

@@ -1,8 +1,10 @@
 """`SparseAttention`: the drop-in NSA module (the seed's API), with incremental decoding.
 
-Semantics: `nsa-spec.md`. Every branch is computed by `nsa_codegen.reference` (pure PyTorch, bnhd);
-the selected branch goes to `nsa_codegen.ops.selected_attention` (generated Triton kernels) when
-`use_triton_kernel` is set and the input is on CUDA. `last_paths` records what ran for each branch.
+Semantics: docs/nsa-spec.md. The module composes the public ops of `nsa_codegen.kernels` (compressed
+attention, top-k selection, selected attention, sliding window); each op runs the generated Triton
+kernels on CUDA when `use_triton_kernel` is set, else the pure-PyTorch reference, and reports the path
+it took in `last_paths`. Projections, compression MLPs, rotary embedding and the gated combine are
+PyTorch.
 
 Parameter names and shapes equal those of native-sparse-attention-pytorch 0.2.3, so its `state_dict`
 loads into this module (`load_state_dict(..., strict=True)`).
@@ -114,7 +116,7 @@ class SparseAttention(nn.Module):
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be divisible by kv_heads ({kv_heads}); "
                              f"allowed kv_heads: divisors of heads")
-        self.sliding_window_size = _int_arg("sliding_window_size", sliding_window_size, 1)
+        self.sliding_window_size = _int_arg("sliding_window_size", sliding_window_size, 0)
         l = _int_arg("compress_block_size", compress_block_size, 1)
         if compress_block_sliding_stride is None:
             compress_block_sliding_stride = l
@@ -221,9 +223,10 @@ class SparseAttention(nn.Module):
             self.last_paths = dict.fromkeys(BRANCHES, "none")
         else:
             ck, cv = self._compress(k, v)
+            ck_all, cv_all = reference.prepend_memory(ck, cv, self.compress_mem_kv)
             rq, rk = self.rotary_emb(q), self.rotary_emb(k)
-            o_cmp, logits = self._compressed_branch(q, ck, cv)
-            o_slc = self._selected_branch(rq, rk, v, q, ck, logits)
+            o_cmp = self._compressed_branch(q, ck_all, cv_all)
+            o_slc = self._selected_branch(rq, rk, v, q, ck_all)
             o_swa = self._sliding_branch(rq, rk, v)
             branch_out = (o_cmp, o_slc, o_swa)
         out = self._combine(hx, *branch_out)
@@ -249,73 +252,45 @@ class SparseAttention(nn.Module):
                              f"expected {expected} in (b, C, kv_heads, dim_head) layout")
         return ck, cv
 
-    def _kernels(self, x: Tensor) -> bool:
-        """Generated Triton kernels run on CUDA tensors when `use_triton_kernel` (the default)."""
-        return bool(self.use_triton_kernel) and x.is_cuda
+    def _op_kwargs(self) -> dict:
+        """Every op routes itself (generated kernels on CUDA when `use_triton_kernel`, else the
+        reference) and records the path it took in `last_paths`."""
+        return dict(use_kernels=bool(self.use_triton_kernel), paths=self.last_paths)
 
-    def _compressed_branch(self, q: Tensor, ck: Tensor, cv: Tensor, query_offset: int = 0):
-        """Spec 2 over [memory; ck]: (out (b, n, H, d), logits (b, n, H, C) of the non-memory
-        columns — None on the kernel path, where the fused top-k kernel recomputes what it needs)."""
-        ck_all, cv_all = reference.prepend_memory(ck, cv, self.compress_mem_kv)
-        if self._kernels(q):
-            from . import ops_compressed
+    def _compressed_branch(self, q: Tensor, ck_all: Tensor, cv_all: Tensor, query_offset: int = 0) -> Tensor:
+        """Spec 2 over [memory; compressed] keys and values."""
+        from .kernels import compressed as compressed_ops  # Triton loads on first use, not on import
 
-            self.last_paths["compressed"] = "triton"
-            return ops_compressed.compressed_attention(
-                q, ck_all, cv_all, num_mem=self.num_mem_compress_kv,
-                block_size=self.compress_block_size, stride=self.compress_block_sliding_stride,
-                causal=self.causal, scale=self.scale, query_offset=query_offset, return_logits=False)
-        self.last_paths["compressed"] = "reference"
-        return reference.compressed_attention(
-            q, ck_all, cv_all, num_mem=self.num_mem_compress_kv,
-            block_size=self.compress_block_size, stride=self.compress_block_sliding_stride,
-            causal=self.causal, scale=self.scale, query_offset=query_offset)
+        out, _ = compressed_ops.compressed_attention(
+            q, ck_all, cv_all, num_mem=self.num_mem_compress_kv, block_size=self.compress_block_size,
+            stride=self.compress_block_sliding_stride, causal=self.causal, scale=self.scale,
+            query_offset=query_offset, return_logits=False, **self._op_kwargs())
+        return out
 
-    def _select(self, q: Tensor, ck: Tensor, logits: Tensor | None, seq_len: int, query_offset: int = 0):
-        """Spec 4: (block_idx, block_valid, values), each (b, n, Hs, kk); kk may be 0.
-        q is unrotated, ck the compressed keys without memory rows (b, C, K, d)."""
+    def _select(self, q: Tensor, ck_all: Tensor, query_offset: int = 0):
+        """Spec 4: (block_idx, block_valid, values), each (b, n, Hs, kk); kk may be 0. q is unrotated,
+        ck_all the compressed keys with their memory rows first."""
         b, n = q.shape[:2]
-        C = ck.shape[1]
         Hs = self.kv_heads if self.query_heads_share_selected_kv else self.heads
-        if self.num_selected_blocks == 0 or C == 0:
+        if self.num_selected_blocks == 0 or ck_all.shape[1] == self.num_mem_compress_kv:
             idx = torch.zeros(b, n, Hs, 0, dtype=torch.long, device=q.device)
             self.last_paths["topk"] = "none"
             return idx, idx.bool(), q.new_zeros(b, n, Hs, 0, dtype=torch.float32)
-        if self._kernels(q):
-            return self._select_fused(q, ck, query_offset)
-        self.last_paths["topk"] = "reference"
-        imp = reference.importance_scores(
-            logits, groups=self.groups, share=self.query_heads_share_selected_kv,
-            causal=self.causal, stride=self.compress_block_sliding_stride, query_offset=query_offset)
-        return reference.select_blocks(
-            imp, seq_len=seq_len, stride=self.compress_block_sliding_stride,
-            compress_block_size=self.compress_block_size,
-            selection_block_size=self.selection_block_size, num_selected=self.num_selected_blocks,
-            causal=self.causal, interpolated=self.interpolated_importance_score,
-            query_offset=query_offset)
+        from .kernels import topk as topk_ops
 
-    def _select_fused(self, q: Tensor, ck: Tensor, query_offset: int):
-        """The fused importance + top-k kernels (mappings (a), (b)); mapping (c) runs the reference
-        inside `ops_topk.select_topk` and is reported so in `last_paths`."""
-        from . import ops_topk
+        return topk_ops.select_topk(
+            q, ck_all, num_mem=self.num_mem_compress_kv, compress_block_size=self.compress_block_size,
+            stride=self.compress_block_sliding_stride, selection_block_size=self.selection_block_size,
+            num_selected=self.num_selected_blocks, causal=self.causal,
+            share=self.query_heads_share_selected_kv, scale=self.scale,
+            interpolated=self.interpolated_importance_score, query_offset=query_offset, **self._op_kwargs())
 
-        ck_all, _ = reference.prepend_memory(ck, ck[:, :0], self.compress_mem_kv)
-        kwargs = dict(num_mem=self.num_mem_compress_kv, compress_block_size=self.compress_block_size,
-                      stride=self.compress_block_sliding_stride,
-                      selection_block_size=self.selection_block_size,
-                      num_selected=self.num_selected_blocks, causal=self.causal,
-                      share=self.query_heads_share_selected_kv, scale=self.scale,
-                      interpolated=self.interpolated_importance_score, query_offset=query_offset)
-        route = ops_topk.select_topk_route(q, ck_all, **kwargs)
-        self.last_paths["topk"] = "triton" if route == "kernel" else "reference"
-        return ops_topk.select_topk(q, ck_all, **kwargs)
-
-    def _selected_branch(self, rq: Tensor, rk: Tensor, v: Tensor, q: Tensor, ck: Tensor,
-                         logits: Tensor | None, query_offset: int = 0):
-        """Spec 4-5: block selection (from the compressed logits, or fused from q and ck on the
-        kernel path), then selected attention. `query_offset` > 0 only when decoding."""
+    def _selected_branch(self, rq: Tensor, rk: Tensor, v: Tensor, q: Tensor, ck_all: Tensor,
+                         query_offset: int = 0) -> Tensor:
+        """Spec 4-5: block selection from q and the compressed keys, then selected attention.
+        `query_offset` > 0 only when decoding."""
         b, n = rq.shape[:2]
-        idx, valid, values = self._select(q, ck, logits, query_offset + n, query_offset)
+        idx, valid, values = self._select(q, ck_all, query_offset)
         gates = None
         if idx.shape[-1] == 0:
             if not self.causal:  # 5b: block-diagonal; causal gets its own block from the op
@@ -323,36 +298,19 @@ class SparseAttention(nn.Module):
                     b, n, idx.shape[2], self.selection_block_size, rq.device)
         elif self.use_diff_topk:
             gates = reference.diff_topk_gates(values)  # forward value 1, gradient to the scores
-        kwargs = dict(block_size=self.selection_block_size, causal=self.causal, scale=self.scale)
-        if query_offset:  # decoding: the reference (the op's contract has no offset)
-            self.last_paths["selected"] = "reference"
-            return reference.selected_attention(rq, rk, v, idx, valid, gates, **kwargs,
-                                                query_offset=query_offset)
-        attend, path = self._selected_attention_impl(rq)
-        self.last_paths["selected"] = path
-        return attend(rq, rk, v, idx, valid, gates, **kwargs)
+        from .kernels import selected as selected_ops
 
-    def _selected_attention_impl(self, x: Tensor):
-        """The generated Triton op on CUDA when enabled, else the reference. Imported lazily."""
-        if self._kernels(x):
-            from . import ops
+        return selected_ops.selected_attention(
+            rq, rk, v, idx, valid, gates, block_size=self.selection_block_size, causal=self.causal,
+            scale=self.scale, query_offset=query_offset, **self._op_kwargs())
 
-            return ops.selected_attention, "triton"
-        return reference.selected_attention, "reference"
-
-    def _sliding_branch(self, rq: Tensor, rk: Tensor, v: Tensor, query_offset: int = 0):
+    def _sliding_branch(self, rq: Tensor, rk: Tensor, v: Tensor, query_offset: int = 0) -> Tensor:
         """Spec 6."""
-        if self._kernels(rq):
-            from . import ops_window
+        from .kernels import window as window_ops
 
-            self.last_paths["sliding"] = "triton"
-            return ops_window.sliding_window_attention(
-                rq, rk, v, window=self.sliding_window_size, causal=self.causal, scale=self.scale,
-                query_offset=query_offset)
-        self.last_paths["sliding"] = "reference"
-        return reference.sliding_window_attention(
+        return window_ops.sliding_window_attention(
             rq, rk, v, window=self.sliding_window_size, causal=self.causal, scale=self.scale,
-            query_offset=query_offset)
+            query_offset=query_offset, **self._op_kwargs())
 
     def _combine(self, hx: Tensor, o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor):
         """Spec 7: sigmoid gates laid out (h s), weighted sum, merge heads, output projection."""
@@ -383,8 +341,8 @@ class SparseAttention(nn.Module):
 
     @torch.no_grad()
     def _decode_step(self, inp: Tensor, cache: DecodeCache):
-        """One token at position t = cache.seq_len: the same reference functions as the parallel
-        path, with `query_offset=t` (every rule only depends on the query's own position)."""
+        """One token at position t = cache.seq_len: the same ops as the parallel path, with
+        `query_offset=t` (every rule only depends on the query's own position)."""
         self.last_paths = {}
         t = cache.seq_len
         l, s = self.compress_block_size, self.compress_block_sliding_stride
@@ -392,7 +350,8 @@ class SparseAttention(nn.Module):
         q, k, v = self._project(hx)
 
         # compressed branch over the cached blocks (the t // s blocks that close before t)
-        o_cmp, logits = self._compressed_branch(q, cache.ck, cache.cv, query_offset=t)
+        ck_all, cv_all = reference.prepend_memory(cache.ck, cache.cv, self.compress_mem_kv)
+        o_cmp = self._compressed_branch(q, ck_all, cv_all, query_offset=t)
 
         # extend the compression state; a window closing at t is visible from t + 1 on
         raw_k, raw_v = torch.cat((cache.raw_k, k), dim=1), torch.cat((cache.raw_v, v), dim=1)
@@ -404,7 +363,7 @@ class SparseAttention(nn.Module):
 
         rq, rk = self.rotary_emb(q, offset=t), self.rotary_emb(k, offset=t)
         keys, values = torch.cat((cache.k, rk), dim=1), torch.cat((cache.v, v), dim=1)
-        o_slc = self._selected_branch(rq, keys, values, q, cache.ck, logits, query_offset=t)
+        o_slc = self._selected_branch(rq, keys, values, q, ck_all, query_offset=t)
         o_swa = self._sliding_branch(rq, keys, values, query_offset=t)
 
         out = self._combine(hx, o_cmp, o_slc, o_swa)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from nsa_codegen import ops_window
+from nsa_codegen.kernels import window as ops_window
 
 
 def gpu_report(record: dict) -> None:

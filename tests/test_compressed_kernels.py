@@ -18,7 +18,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated kernel is imported
 
-from nsa_codegen import ops_compressed, ops_window, reference  # noqa: E402
+from nsa_codegen import reference  # noqa: E402
+from nsa_codegen.kernels import compressed as ops_compressed  # noqa: E402
+from nsa_codegen.kernels import window as ops_window  # noqa: E402
 from dense_kernel_helpers import (  # noqa: E402,F401
     assert_backward_uses_exact_delta, assert_close, gpu_report, make_inputs, poison,
 )

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nsa_codegen import cache, render
-from nsa_codegen.spec import VariantSpec
-from nsa_codegen.variants import default_variants
+from nsa_codegen.codegen import cache
+from nsa_codegen.codegen import render
+from nsa_codegen.codegen.spec import VariantSpec
+from nsa_codegen.codegen.variants import default_variants
 
 ROOT = Path(__file__).resolve().parent.parent
 OFF_GRID = VariantSpec("select_fwd", 24, 2, True)  # l' = 24 is outside the default grid
@@ -128,9 +129,9 @@ def test_stale_cache_entry_is_rerendered_not_imported(monkeypatch, tmp_path):
 _RACE = textwrap.dedent(
     """
     import sys, time
-    import nsa_codegen.render as r
-    from nsa_codegen import cache
-    from nsa_codegen.spec import VariantSpec
+    import nsa_codegen.codegen.render as r
+    from nsa_codegen.codegen import cache
+    from nsa_codegen.codegen.spec import VariantSpec
     slow = r.render
     def render_slowly(spec):  # widen the race window so both processes contend for the lock
         time.sleep(1.0)

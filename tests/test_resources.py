@@ -5,9 +5,10 @@ import re
 
 import pytest
 
-from nsa_codegen import render, resources
-from nsa_codegen.spec import VariantSpec
-from nsa_codegen.variants import default_variants
+from nsa_codegen.codegen import render
+from nsa_codegen.codegen.resources import selected as resources
+from nsa_codegen.codegen.spec import VariantSpec
+from nsa_codegen.codegen.variants import default_variants
 
 SELECT = [s for s in default_variants() if s.family in ("select_fwd", "select_bwd")]
 
@@ -96,7 +97,7 @@ def test_unknown_family_is_rejected():
                                   "select_bwd_bs128_g1_causal", "select_bwd_bs20_g3_causal"])
 def test_dkv_model_layout_matches_the_rendered_kernel(name):
     """predict_dkv repeats the template's dkv layout rules (key tile, gathered rows): they must agree."""
-    from nsa_codegen import cache
+    from nsa_codegen.codegen import cache
 
     spec = VariantSpec.from_name(name)
     module = cache.load_variant(spec)

@@ -17,7 +17,10 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nsa_codegen import cache, dispatch, ops, reference  # noqa: E402
+from nsa_codegen import reference  # noqa: E402
+from nsa_codegen.codegen import cache  # noqa: E402
+from nsa_codegen.kernels import dispatch  # noqa: E402
+from nsa_codegen.kernels import selected as ops  # noqa: E402
 
 from test_select_kernels import make_inputs  # noqa: E402
 
@@ -108,7 +111,8 @@ def test_dkv_kernel_with_one_entry_segments(block_size, H, K, shared, causal):
 def test_kernels_refuse_int32_overflowing_extents(which):
     """Offsets within a batch element are int32 in the select / window / compressed kernels: a tensor
     spanning 2**31 elements per batch element is refused before any launch (meta tensors: no memory)."""
-    from nsa_codegen import checks, ops_window
+    from nsa_codegen.kernels import checks
+    from nsa_codegen.kernels import window as ops_window
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("meta tensors reach the launch checks only under the interpreter")

@@ -33,8 +33,9 @@ if INTERPRET:
 
     _ti.interpreter_builder.options = dataclasses.replace(_ti.interpreter_builder.options, sanitize_overflow=False)
 
-from nsa_codegen import ops, reference  # noqa: E402
-from nsa_codegen.variants import BLOCK_SIZES, GROUPS  # noqa: E402
+from nsa_codegen import reference  # noqa: E402
+from nsa_codegen.kernels import selected as ops  # noqa: E402
+from nsa_codegen.codegen.variants import BLOCK_SIZES, GROUPS  # noqa: E402
 
 interp = pytest.mark.skipif(not INTERPRET, reason="interpreter lane (TRITON_INTERPRET=1, CPU)")
 gpu = pytest.mark.gpu
@@ -257,8 +258,8 @@ def test_experimental_layouts_match_the_reference(group, layout, causal):
     """The program layouts the GPU experiments render (render.load_with_layout): the padding baseline
     packing is measured against, and more tokens per program than the default (at G = 16: several
     tokens over the union of their blocks, for selections with locality). Forward and all gradients."""
-    from nsa_codegen import render
-    from nsa_codegen.spec import VariantSpec
+    from nsa_codegen.codegen import render
+    from nsa_codegen.codegen.spec import VariantSpec
 
     n, K, d, l, kk = 45, 1, 16, 8, 3
     inp = make_inputs(n=n, H=group * K, K=K, d=d, block_size=l, kk=kk, causal=causal, dtype=torch.float32,
@@ -290,7 +291,8 @@ def test_noncausal_query_without_keys_gets_zero_and_finite_grads():
 
 @interp
 def test_launcher_picks_generated_variant_and_config():
-    from nsa_codegen import cache, dispatch
+    from nsa_codegen.codegen import cache
+    from nsa_codegen.kernels import dispatch
 
     inp = make_inputs(n=16, H=8, K=2, d=64, block_size=16, kk=1, causal=True, dtype=torch.float32)
     fwd, bwd = dispatch.select_specs(inp["q"], inp["k"], inp["block_idx"], block_size=16, causal=True)

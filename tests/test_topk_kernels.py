@@ -28,9 +28,10 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated kernel is imported
 
-from nsa_codegen import ops_topk, reference  # noqa: E402
-from nsa_codegen.render import render  # noqa: E402
-from nsa_codegen.spec import VariantSpec  # noqa: E402
+from nsa_codegen import reference  # noqa: E402
+from nsa_codegen.kernels import topk as ops_topk  # noqa: E402
+from nsa_codegen.codegen.render import render  # noqa: E402
+from nsa_codegen.codegen.spec import VariantSpec  # noqa: E402
 
 SMALL = {"BLOCK_M": 16, "BLOCK_U": 16, "num_warps": 4, "num_stages": 1}
 

@@ -19,8 +19,12 @@ import pytest
 import torch
 import triton
 
-from nsa_codegen import cache, dispatch, ops, reference, tuning
-from nsa_codegen.spec import VariantSpec
+from nsa_codegen import reference
+from nsa_codegen.codegen import cache
+from nsa_codegen.kernels import dispatch
+from nsa_codegen.kernels import selected as ops
+from nsa_codegen.kernels import tuning
+from nsa_codegen.codegen.spec import VariantSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -225,7 +229,7 @@ WRITER = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from nsa_codegen import tuning
+    from nsa_codegen.kernels import tuning
     tag, other, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     C = json.loads(sys.argv[4])
     ready = Path(sys.argv[5])
@@ -334,7 +338,7 @@ def test_kernels_of_one_module_are_tuned_apart(monkeypatch):
 def test_forced_config_is_scoped_to_its_kernel(monkeypatch):
     """A config forced for the selected forward (no BLOCK_M) must not reach the compressed backward's
     named kernels launched inside the same block (they would fail on the missing key)."""
-    from nsa_codegen import ops_compressed
+    from nsa_codegen.kernels import compressed as ops_compressed
     fwd_cfg = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     mod = cache.load_variant(VariantSpec("cmp_bwd", 0, 16, True))
     probe = torch.zeros(1)

@@ -19,7 +19,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated kernel is imported
 
-from nsa_codegen import ops_window, reference  # noqa: E402
+from nsa_codegen import reference  # noqa: E402
+from nsa_codegen.kernels import window as ops_window  # noqa: E402
 from dense_kernel_helpers import (  # noqa: E402,F401
     assert_backward_uses_exact_delta, assert_close, gpu_report, make_inputs, poison,
 )
@@ -263,9 +264,9 @@ def test_gpu_window_compile_matches_eager(causal):
 @pytest.mark.parametrize("family", ["window_fwd", "window_bwd", "cmp_fwd", "cmp_bwd"])
 @pytest.mark.parametrize("group", [1, 3, 16, 128])
 def test_dense_tile_configs_fit_and_render(family, group):
-    from nsa_codegen import resources_dense
-    from nsa_codegen.render import render
-    from nsa_codegen.spec import VariantSpec
+    from nsa_codegen.codegen.resources import dense as resources_dense
+    from nsa_codegen.codegen.render import render
+    from nsa_codegen.codegen.spec import VariantSpec
 
     spec = VariantSpec(family, 0, group, True)
     kept, dropped = resources_dense.tile_configs(spec)
@@ -288,8 +289,8 @@ def test_dense_tile_configs_fit_and_render(family, group):
 
 @pytest.mark.parametrize("family", ["window_fwd", "window_bwd", "cmp_fwd", "cmp_bwd"])
 def test_dense_sources_have_no_dead_branches(family):
-    from nsa_codegen.render import render
-    from nsa_codegen.spec import VariantSpec
+    from nsa_codegen.codegen.render import render
+    from nsa_codegen.codegen.spec import VariantSpec
 
     causal = render(VariantSpec(family, 0, 4, True))
     noncausal = render(VariantSpec(family, 0, 4, False))
@@ -330,7 +331,8 @@ class _Recorder:
 def test_gpu_dense_resource_model_vs_compiled(group, d):
     """Prints the sympy model's shared memory / registers beside the compiled kernels' (the closing note's
     comparison); asserts only that the compiled kernels fit the H100/H200 shared-memory limit."""
-    from nsa_codegen import ops_compressed, resources_dense
+    from nsa_codegen.kernels import compressed as ops_compressed
+    from nsa_codegen.codegen.resources import dense as resources_dense
 
     q, k, v, dout = make_inputs(1, 512, 512, 2 * group, 2, d, torch.bfloat16, "cuda", 5)
     runs = []

@@ -1,0 +1,68 @@
+"""VariantSpec: every structural parameter a kernel template specializes on.
+
+Head dim and dtype are deliberately *not* here: they stay Triton constexpr / JIT specializations of
+the same generated source. Everything here changes the shape of the code (loops, masks, packing).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+from ..kernels import family_of
+
+GENERATOR_VERSION = "0.1.0"
+
+@dataclass(frozen=True)
+class VariantSpec:
+    family: str  # generated source of a registered family (nsa_codegen.kernels): templates/<family>.py.j2
+    block_size: int  # selection block size l' (0 for families without one)
+    group: int  # query heads packed per program: G for shared selection, 1 for unshared
+    causal: bool  # causal adds the own-block diagonal with its intra-block mask
+
+    def __post_init__(self):
+        if family_of(self.family).has_block_size:
+            if not isinstance(self.block_size, int) or self.block_size < 1:
+                raise ValueError(f"block_size must be a positive int for {self.family}, got {self.block_size!r}")
+        elif self.block_size != 0:
+            raise ValueError(f"block_size must be 0 for {self.family} (not a parameter of it), got {self.block_size!r}")
+        if not isinstance(self.group, int) or self.group < 1:
+            raise ValueError(f"group must be a positive int, got {self.group!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+
+    @property
+    def name(self) -> str:
+        """Readable and unique: select_fwd_bs64_g16_causal, window_fwd_g4_noncausal."""
+        mode = "causal" if self.causal else "noncausal"
+        block = f"_bs{self.block_size}" if self.block_size else ""
+        return f"{self.family}{block}_g{self.group}_{mode}"
+
+    @property
+    def key(self) -> str:
+        """Short content hash of the fields (stable across processes)."""
+        text = ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def template(self) -> str:
+        return f"{self.family}.py.j2"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_name(cls, name: str) -> "VariantSpec":
+        """Inverse of `name`, e.g. for `python -m nsa_codegen cache show select_fwd_bs64_g16_causal`."""
+        try:
+            head, g, mode = name.rsplit("_", 2)
+            block_size = 0
+            if head.rsplit("_", 1)[-1].startswith("bs"):
+                head, bs = head.rsplit("_", 1)
+                block_size = int(bs[2:])
+            if not (g.startswith("g") and mode in ("causal", "noncausal")):
+                raise ValueError
+            return cls(head, block_size, int(g[1:]), mode == "causal")
+        except ValueError:
+            raise ValueError(
+                f"not a variant name: {name!r} (expected <family>[_bs<l'>]_g<G>_<causal|noncausal>)"
+            ) from None

@@ -1,0 +1,119 @@
+"""Code shared by the dense-tile families (sliding window, compressed attention): argument checks of
+(q, k, v)-shaped inputs, the launch-side checks, and the tile config of a dense kernel (its head dim,
+padding and dot precision added to the chosen config). One tile holds whole groups of G query heads,
+so G is bounded by the largest BLOCK_M of the configs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._launch import choose_config, head_group, padded_head_dim, require_launch_device
+from .checks import (require_4d, require_float, require_head_dim, require_heads, require_int32_extent,
+                     require_last_dim_contiguous, require_same_device, require_same_dtype, require_same_shape,
+                     require_tensor)
+
+MAX_GROUP = 128  # the largest BLOCK_M of the tile configs: a tile holds whole groups
+
+
+def check_attention_tensors(q, k, v, k_name: str = "k", v_name: str = "v") -> None:
+    """q (b, n_q, H, d); k, v (b, n_k, K, d); float dtypes, one device, contiguous last dims."""
+    named = {"q": q, k_name: k, v_name: v}
+    for name, t in named.items():
+        require_tensor(name, t)
+        require_4d(name, t, "b, n, heads, d")
+        require_float(name, t)
+        require_last_dim_contiguous(name, t, allow_size_one=True)
+    require_same_dtype(**named)
+    require_same_device(**named)
+    b, _, h, d = q.shape
+    require_same_shape(k_name, k, v_name, v)
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(
+            f"{k_name}/{v_name} shape {tuple(k.shape)} must be (b, n, K, d) = ({b}, n, K, {d}) to match q"
+        )
+    require_heads(h, k.shape[2])
+    require_head_dim(d)
+
+
+def check_launch(q, k, public: str) -> None:
+    """What only the kernels (not the reference) need."""
+    require_launch_device(q, public)
+    group = head_group(q, k)
+    if group > MAX_GROUP:
+        raise ValueError(f"G = H // K = {group} query heads per kv head: the kernels support G <= {MAX_GROUP}")
+    require_int32_extent("sliding-window / compressed", q=q, k=k)
+
+
+def launch_config(module, d: int, dtype: torch.dtype, override: Optional[dict] = None,
+                  tune=None) -> tuple[dict, dict]:
+    """(constexprs, launch options) of a dense kernel: the chosen tile config (`override` for tests and
+    benchmarks; `tune` = (kernel name, probe, run) for a tuned kernel, see `_launch.choose_config`) plus
+    the head dim, its padding and the dot precision."""
+    tile, launch = choose_config(module, d, dtype, override=override, tune=tune)
+    bm, bn = tile["BLOCK_M"], tile["BLOCK_N"]
+    if bm < max(16, module.GROUP) or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(
+            f"config {tile}: BLOCK_M, BLOCK_N must be powers of two >= 16 with BLOCK_M >= G = {module.GROUP}"
+        )
+    constexprs = {
+        "HEAD_DIM": d,
+        "BLOCK_D": padded_head_dim(d),
+        "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+    }
+    return constexprs, {"num_warps": launch.get("num_warps", 4), "num_stages": launch.get("num_stages", 2)}
+
+
+def tuned_launch_config(module, kernel: str, d: int, q, override: Optional[dict], run) -> tuple[dict, dict]:
+    """`launch_config` of one tuned kernel of a module with several: the kernels of one backward prefer
+    different tiles, so each gets its own table key. `run((constexprs, launch))` launches the kernel
+    once into scratch outputs (the tuning benchmark)."""
+    if override is not None:
+        return launch_config(module, d, q.dtype, override)
+    return launch_config(module, d, q.dtype, tune=(kernel, q, lambda c: run(launch_config(module, d, q.dtype, c))))
+
+
+def check_saved(q, out, lse, dout) -> None:
+    if tuple(out.shape) != tuple(q.shape) or tuple(dout.shape) != tuple(q.shape):
+        raise ValueError(
+            f"out and dout must have q's shape {tuple(q.shape)}, got {tuple(out.shape)} and {tuple(dout.shape)}"
+        )
+    if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
+
+
+def dense_attention_backward(q, k, v, out, dout, scale, key_range, visible, chunk=128):
+    """Attention gradients in plain torch without autograd (usable inside a custom op's CPU kernel,
+    where autograd does not record), chunked over queries. key_range(i0, i1) -> (j0, j1);
+    visible(i0, i1, j0, j1) -> (i1 - i0, j1 - j0) bool. Returns (dq, dk, dv) in the inputs' dtypes."""
+    b, nq, h, d = q.shape
+    kh = k.shape[2]
+    g = h // kh
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    for i0 in range(0, nq, chunk):
+        i1 = min(nq, i0 + chunk)
+        j0, j1 = key_range(i0, i1)
+        if j1 <= j0:
+            continue
+        c = i1 - i0
+        qi = q[:, i0:i1].float().reshape(b, c, kh, g, d)
+        doi = dout[:, i0:i1].float().reshape(b, c, kh, g, d)
+        oi = out[:, i0:i1].float().reshape(b, c, kh, g, d)
+        kj, vj = k[:, j0:j1].float(), v[:, j0:j1].float()
+        s = torch.einsum("bnkgd,bmkd->bnkgm", qi, kj) * scale
+        s = s.masked_fill(~visible(i0, i1, j0, j1)[None, :, None, None, :], float("-inf"))
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        p = torch.exp(s - lse.nan_to_num(posinf=0.0, neginf=0.0)).nan_to_num(0.0)  # rows without keys: 0
+        dp = torch.einsum("bnkgd,bmkd->bnkgm", doi, vj)
+        ds = p * (dp - (doi * oi).sum(-1, keepdim=True))
+        dq[:, i0:i1] = (torch.einsum("bnkgm,bmkd->bnkgd", ds, kj) * scale).reshape(b, c, h, d)
+        dk[:, j0:j1] += torch.einsum("bnkgm,bnkgd->bmkd", ds, qi) * scale
+        dv[:, j0:j1] += torch.einsum("bnkgm,bnkgd->bmkd", p, doi)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+

@@ -1,0 +1,444 @@
+"""Fused importance scores + top-k block selection (nsa-spec section 4) on generated Triton kernels.
+
+Layers, fla style: generated kernels (templates/topk_{fwd,bwd}.py.j2) -> plain launchers
+(`select_topk_fwd_launch`, `select_topk_bwd_launch`: callable under TRITON_INTERPRET=1, no torch.library)
+-> `torch.ops.nsa.select_topk` (a `torch.library.triton_op`; autograd via `register_autograd`, the
+gradient of `values` reaching q and ck for use_diff_topk; CPU kernel = the reference) -> the public
+`select_topk`.
+
+`select_topk(q, ck, ...)` computes what `reference.compressed_attention` (logits) +
+`reference.importance_scores` + `reference.select_blocks` compute, without ever holding the (n x C)
+score matrix: q (b, n, H, d), ck (b, M + C, K, d) with the M memory rows first (any strides); returns
+block_idx int32, block_valid bool, values fp32, each (b, n, Hs, kk) with Hs = K (share) or H, and
+kk = min(num_selected, #candidates) (0 when num_selected == 0 or C == 0).
+
+Routing (by metadata only; never a silent numerical change):
+  mapping (a) l' == s, and (b) l' % s == 0, l' > s, not interpolated:
+      CUDA -> the generated kernels (torch.ops.nsa.select_topk); other devices -> the reference.
+  mapping (c) (l' < s, l' not a multiple of s, or l' > s with interpolated=True):
+      the reference on every device (reference.compressed_attention logits + importance_scores +
+      select_blocks: it holds the (n x C) logits and the token-level scores chunk by chunk).
+  `select_topk(..., paths=d)` records in d["topk"] which of "triton" / "reference" the call took.
+
+Ties: the kernel ranks candidates by their fp32 scores with ties toward the lower block index (as the
+reference's stable sort does on probabilities). Blocks whose probability is 0 (invisible, the own
+block of (b)) come after every visible one in index order, as in the reference; a visible candidate
+whose probability underflows to 0 is ordered by score instead of index (it is invalid either way).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..codegen import cache
+from ..reference import selection_mapping  # one rule for (a)/(b)/(c), shared with the oracle
+from . import FAMILIES
+from ._launch import choose_config, head_group, no_wrap, padded_head_dim, pow2, report, require_launch_device, route
+from .checks import FLOAT_DTYPES, HEAD_DIM_MAX  # noqa: F401
+from .checks import (alert_not_deterministic, is_int, require_4d, require_bool, require_float, require_heads,
+                     require_int, require_positive_int, require_same_device, require_same_dtype, require_scale,
+                     require_tensor)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation (before any launch)
+
+
+def check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                 share, scale, interpolated=False, query_offset=0) -> dict:
+    """Raise ValueError / TypeError naming the offending argument and the allowed values; returns the
+    derived sizes (b, n, H, d, K, M, C, G, Hs, mapping, R, U, kk)."""
+    for name, t, layout in (("q", q, "(b, n, H, d)"), ("ck", ck, "(b, M + C, K, d)")):
+        require_tensor(name, t)
+        require_4d(name, t, layout)
+        require_float(name, t)
+    require_same_dtype(q=q, ck=ck)
+    require_same_device(q=q, ck=ck)
+    b, n, H, d = q.shape
+    if ck.shape[0] != b or ck.shape[3] != d:
+        raise ValueError(f"ck shape {tuple(ck.shape)} must be (b, M + C, K, d) = ({b}, M + C, K, {d}) to match q")
+    K = ck.shape[2]
+    require_heads(H, K, note="ck.shape[2]")
+    if n < 1:
+        raise ValueError(f"q must hold at least one token (n >= 1), got n={n}")
+    if not 1 <= d <= HEAD_DIM_MAX:
+        raise ValueError(f"unsupported head dim d={d}: supported are 1..{HEAD_DIM_MAX}")
+    if not is_int(num_mem) or not 0 <= num_mem <= ck.shape[1]:
+        raise ValueError(f"num_mem must be an int in [0, ck.shape[1] = {ck.shape[1]}], got {num_mem!r}")
+    require_positive_int("stride", stride)
+    if not is_int(compress_block_size) or compress_block_size < stride:
+        raise ValueError(f"compress_block_size must be an int >= stride ({stride}), got {compress_block_size!r}")
+    require_positive_int("selection_block_size", selection_block_size)
+    require_int("num_selected", num_selected, 0)
+    require_int("query_offset", query_offset, 0)
+    for name, flag in (("causal", causal), ("share", share), ("interpolated", interpolated)):
+        require_bool(name, flag)
+    require_scale(scale)
+    return selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, interpolated,
+                           query_offset)
+
+
+def selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, interpolated=False,
+                    query_offset=0) -> dict:
+    """The derived sizes (b, n, H, d, K, M, C, G, Hs, mapping, R, U, kk) of valid arguments (metadata only;
+    `check_inputs` validates first)."""
+    b, n, H, d = q.shape
+    K = ck.shape[2]
+    C = ck.shape[1] - num_mem
+    G = H // K
+    mapping = selection_mapping(stride, selection_block_size, interpolated)
+    R = selection_block_size // stride if mapping != "c" else 0
+    if mapping == "c":
+        U = -(-(query_offset + n) // selection_block_size)
+    else:
+        U = C // R
+    kk = min(num_selected, U) if (num_selected > 0 and C > 0) else 0
+    return dict(b=b, n=n, H=H, d=d, K=K, M=num_mem, C=C, G=G, Hs=K if share else H, mapping=mapping, R=R,
+                U=U, kk=kk)
+
+
+def _check_kernel_mapping(info: dict) -> None:
+    if info["mapping"] == "c":
+        raise ValueError(
+            "the top-k kernels implement mappings (a) (selection_block_size == stride) and (b) "
+            "(selection_block_size a multiple of stride, > stride, interpolated=False); mapping (c) runs on "
+            "the reference: use nsa_codegen.kernels.topk.select_topk"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch helpers
+
+
+def variant_specs(q, ck, *, selection_block_size: int, causal: bool, share: bool):
+    """(forward, backward) VariantSpecs from metadata: group = G when the group shares its selection, else 1."""
+    return FAMILIES["topk"].specs(head_group(q, ck) if share else 1, causal, selection_block_size)
+
+
+def _config(module, d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, dict]:
+    if config is not None:  # explicit override (tests force small tiles to exercise the streaming)
+        config = {"num_warps": 4, "num_stages": 1, **config}
+    return choose_config(module, d, dtype, override=config)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 dots on fp32 operands: exact products for fp32 inputs; for 16-bit inputs the group-averaged
+    # query is not representable in 16 bits, so tf32x3 keeps the scores at ~fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32x3"
+
+
+def _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset, wrap, config=None):
+    b, n, H, d = q.shape
+    Hs, kk = info["Hs"], info["kk"]
+    idx = torch.empty((b, n, Hs, kk), device=q.device, dtype=torch.int32)
+    val = torch.empty((b, n, Hs, kk), device=q.device, dtype=torch.float32)
+    valid = torch.empty((b, n, Hs, kk), device=q.device, dtype=torch.bool)
+    lse = torch.empty((b, n, Hs), device=q.device, dtype=torch.float32)
+    if kk == 0:
+        lse.fill_(float("nan"))  # no selection: nothing to normalize (never read)
+        return idx, valid, val, lse
+    module = cache.load_variant(variant_specs(q, ck, selection_block_size=selection_block_size, causal=causal,
+                                          share=share)[0])
+    d, kp = int(d), max(2, pow2(int(kk)))  # constexprs: specialize (guard) on symbolic sizes
+    constexprs, launch = _config(module, d, q.dtype, config)
+    grid = (triton.cdiv(n, constexprs["BLOCK_M"]), b * Hs)
+    wrap(module.kernel)[grid](
+        q, ck, idx, val, valid, lse,
+        *q.stride(), *ck.stride(), *idx.stride(), *lse.stride(),
+        n, info["U"], kk, num_mem, 1 if share else info["G"], query_offset, float(scale), Hs,
+        D=d, BLOCK_D=padded_head_dim(d), R=int(info["R"]), KP=kp, PREC=_precision(q.dtype),
+        **constexprs, **launch,
+    )
+    return idx, valid, val, lse
+
+
+def _bwd(q, ck, idx, val, lse, grad_values, info, num_mem, selection_block_size, causal, share, scale,
+         query_offset, wrap, config=None):
+    b, n, H, d = q.shape
+    Hs, kk = info["Hs"], info["kk"]
+    if kk == 0:
+        return torch.zeros_like(q), torch.zeros_like(ck)
+    alert_not_deterministic("nsa::select_topk backward", "d(compressed keys) adds the rows of several programs "
+                            "with fp32 atomics")
+    module = cache.load_variant(variant_specs(q, ck, selection_block_size=selection_block_size, causal=causal,
+                                          share=share)[1])
+    d, kp = int(d), max(2, pow2(int(kk)))  # constexprs: specialize (guard) on symbolic sizes
+    constexprs, launch = _config(module, d, q.dtype, config)
+    idx, val = idx.contiguous(), val.contiguous()  # the kernel reads both with one set of strides
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dck = torch.zeros(ck.shape, device=ck.device, dtype=torch.float32)  # atomics accumulate into it
+    grid = (triton.cdiv(n, constexprs["BLOCK_M"]), b * Hs)
+    wrap(module.kernel)[grid](
+        q, ck, idx, val, grad_values, lse, dq, dck,
+        *q.stride(), *ck.stride(), *idx.stride(), *grad_values.stride(), *lse.stride(), *dq.stride(),
+        *dck.stride(),
+        n, info["U"], kk, num_mem, 1 if share else info["G"], query_offset, float(scale), Hs,
+        D=d, BLOCK_D=padded_head_dim(d), R=int(info["R"]), KP=kp, PREC=_precision(q.dtype),
+        **constexprs, **launch,
+    )
+    return dq, dck.to(ck.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# plain launchers (interpreter-callable)
+
+
+def select_topk_fwd_launch(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected,
+                           causal, share, scale, query_offset=0, config=None):
+    """Launch the forward kernel; returns (block_idx int32, block_valid, values fp32, lse fp32 (b, n, Hs)).
+    `config` ({'BLOCK_M', 'BLOCK_U', ...}) overrides the tile choice."""
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, False, query_offset)
+    _check_kernel_mapping(info)
+    require_launch_device(q, "nsa_codegen.kernels.topk.select_topk")
+    return _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset, no_wrap, config)
+
+
+def select_topk_bwd_launch(q, ck, block_idx, values, lse, grad_values, *, num_mem, compress_block_size, stride,
+                           selection_block_size, num_selected, causal, share, scale, query_offset=0, config=None):
+    """Launch the backward kernel; returns (dq, dck): the gradient of sum(values * grad_values)."""
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, False, query_offset)
+    _check_kernel_mapping(info)
+    require_launch_device(q, "nsa_codegen.kernels.topk.select_topk")
+    shape = (info["b"], info["n"], info["Hs"], info["kk"])
+    for name, t in (("block_idx", block_idx), ("values", values), ("grad_values", grad_values)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if tuple(lse.shape) != shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {shape[:3]}, got {lse.dtype} {tuple(lse.shape)}")
+    return _bwd(q, ck, block_idx, values, lse, grad_values, info, num_mem, selection_block_size, causal, share,
+                scale, query_offset, no_wrap, config)
+
+
+class _LaunchFunction(torch.autograd.Function):
+    """Autograd over the plain launchers (the interpreter path; CUDA code uses the torch.library op)."""
+
+    @staticmethod
+    def forward(ctx, q, ck, kwargs, config):
+        idx, valid, val, lse = select_topk_fwd_launch(q, ck, **kwargs, config=config)
+        ctx.save_for_backward(q, ck, idx, val, lse)
+        ctx.kwargs, ctx.config = kwargs, config
+        ctx.mark_non_differentiable(idx, valid, lse)
+        return idx, valid, val, lse
+
+    @staticmethod
+    def backward(ctx, d_idx, d_valid, d_val, d_lse):
+        q, ck, idx, val, lse = ctx.saved_tensors
+        if d_val is None:
+            return None, None, None, None
+        dq, dck = select_topk_bwd_launch(q, ck, idx, val, lse, d_val.contiguous(), **ctx.kwargs, config=ctx.config)
+        return dq, dck, None, None
+
+
+def select_topk_launch(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected,
+                       causal, share, scale, query_offset=0, config=None):
+    """Differentiable (values -> q, ck) forward through the plain launchers; returns
+    (block_idx, block_valid, values). For the interpreter and for tests; mappings (a) and (b) only."""
+    kwargs = dict(num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
+                  selection_block_size=selection_block_size, num_selected=num_selected, causal=causal,
+                  share=share, scale=scale, query_offset=query_offset)
+    idx, valid, val, _ = _LaunchFunction.apply(q, ck, kwargs, config)
+    return idx, valid, val
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference path (CPU kernel of the op, and mapping (c) everywhere)
+
+
+def reference_select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected,
+                          causal, share, scale, interpolated=False, query_offset=0):
+    """The oracle: reference.compressed_attention logits + importance_scores + select_blocks.
+    Returns (block_idx int64, block_valid, values) exactly as the reference computes them."""
+    from .. import reference
+
+    b, n, H, d = q.shape
+    K = ck.shape[2]
+    _, logits = reference.compressed_attention(
+        q, ck, ck, num_mem=num_mem, block_size=compress_block_size, stride=stride, causal=causal, scale=scale,
+        query_offset=query_offset,
+    )
+    imp = reference.importance_scores(logits, groups=H // K, share=share, causal=causal, stride=stride,
+                                      query_offset=query_offset)
+    return reference.select_blocks(
+        imp, seq_len=query_offset + n, stride=stride, compress_block_size=compress_block_size,
+        selection_block_size=selection_block_size, num_selected=num_selected, causal=causal,
+        interpolated=interpolated, query_offset=query_offset,
+    )
+
+
+def _candidate_scores(q, ck, info, i0, i1, selection_block_size, causal, scale, query_offset):
+    """fp32 candidate scores of queries [i0, i1) for mappings (a), (b): (b, c, Hs, U), invisible -inf, plus
+    the per-row mean query (b, c, Hs, d) and the per-row mean candidate keys (b, U, Hs, d)."""
+    b, n, H, d = q.shape
+    K, M, R, U, G, Hs = info["K"], info["M"], info["R"], info["U"], info["G"], info["Hs"]
+    ckc = ck[:, M:M + U * R].float().reshape(b, U, R, K, d).mean(2)  # (b, U, K, d)
+    kv_of_row = torch.arange(Hs, device=q.device) // (1 if Hs == K else G)
+    ckr = ckc[:, :, kv_of_row]  # (b, U, Hs, d)
+    qi = q[:, i0:i1].float()
+    qr = qi.reshape(b, i1 - i0, K, G, d).mean(3) if Hs == K else qi  # (b, c, Hs, d)
+    s = torch.einsum("bchd,buhd->bchu", qr, ckr) * scale
+    u = torch.arange(U, device=q.device)
+    own = (query_offset + torch.arange(i0, i1, device=q.device)) // selection_block_size
+    if causal:
+        vis = u[None, :] < own[:, None]
+    else:
+        vis = torch.ones((i1 - i0, U), dtype=torch.bool, device=q.device)
+        if R > 1:
+            vis = vis & (u[None, :] != own[:, None])
+    return s.masked_fill(~vis[None, :, None, :], float("-inf")), qr, ckr
+
+
+_CHUNK = 256
+
+
+def _reference_lse(q, ck, info, selection_block_size, causal, scale, query_offset):
+    """(b, n, Hs) fp32 log-sum-exp of [null column, visible candidates] (mappings (a), (b)), chunked."""
+    b, n = q.shape[:2]
+    lse = torch.empty((b, n, info["Hs"]), device=q.device, dtype=torch.float32)
+    for i0 in range(0, n, _CHUNK):
+        i1 = min(n, i0 + _CHUNK)
+        s, _, _ = _candidate_scores(q, ck, info, i0, i1, selection_block_size, causal, scale, query_offset)
+        s = torch.cat((s.new_full((*s.shape[:-1], 1), -1000.0), s), -1)
+        lse[:, i0:i1] = torch.logsumexp(s, -1)
+    return lse
+
+
+def _reference_backward(q, ck, block_idx, grad_values, info, selection_block_size, causal, scale, query_offset):
+    """(dq, dck) of sum(grad_values * values) in closed form (fp32, chunked; the op's CPU backward):
+    dcand[u] = p[u] * (gsel[u] - sum_t g_t p[u_t]), then through the mean query / mean candidate keys."""
+    b, n, H, d = q.shape
+    K, M, R, U, G, Hs = info["K"], info["M"], info["R"], info["U"], info["G"], info["Hs"]
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dckr = torch.zeros((b, U, Hs, d), device=q.device, dtype=torch.float32)
+    for i0 in range(0, n, _CHUNK):
+        i1 = min(n, i0 + _CHUNK)
+        s, qr, ckr = _candidate_scores(q, ck, info, i0, i1, selection_block_size, causal, scale, query_offset)
+        lse = torch.logsumexp(torch.cat((s.new_full((*s.shape[:-1], 1), -1000.0), s), -1), -1, keepdim=True)
+        p = torch.exp(s - lse)  # (b, c, Hs, U), 0 where invisible
+        g = grad_values[:, i0:i1].float()
+        gsel = torch.zeros_like(p).scatter_add(-1, block_idx[:, i0:i1].long(), g)
+        ds = p * (gsel - (gsel * p).sum(-1, keepdim=True)) * scale
+        dqr = torch.einsum("bchu,buhd->bchd", ds, ckr)
+        if Hs == K:
+            dq[:, i0:i1] = (dqr / G)[:, :, :, None, :].expand(-1, -1, -1, G, -1).reshape(b, i1 - i0, H, d)
+        else:
+            dq[:, i0:i1] = dqr
+        dckr += torch.einsum("bchu,bchd->buhd", ds, qr)
+    dckc = dckr.reshape(b, U, K, Hs // K, d).sum(3) if Hs != K else dckr  # rows -> kv heads
+    dck = torch.zeros(ck.shape, device=ck.device, dtype=torch.float32)
+    dck[:, M:M + U * R] = (dckc / R)[:, :, None].expand(-1, -1, R, -1, -1).reshape(b, U * R, K, d)
+    return dq.to(q.dtype), dck.to(ck.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library: nsa::select_topk (+ its backward op)
+
+
+# The op returns (values fp32, lse fp32, block_idx int32, block_valid bool): floating outputs first. Not
+# cosmetic: torch.library.opcheck's test_aot_dispatch_dynamic sums the outputs as `sm = 0; sm += o.sum()`,
+# so an integer first output makes `sm` a Long tensor and the in-place add of the float sum then raises
+# "result type Float can't be cast to the desired output type Long" (torch 2.11 and 2.13; reproduced on
+# CPU). The public select_topk keeps the (block_idx, block_valid, values) order of the reference.
+OP_OUTPUTS = ("values", "lse", "block_idx", "block_valid")
+
+
+@torch.library.triton_op("nsa::select_topk", mutates_args=())
+def _select_topk_op(
+    q: torch.Tensor, ck: torch.Tensor, num_mem: int, compress_block_size: int, stride: int,
+    selection_block_size: int, num_selected: int, causal: bool, share: bool, scale: float, query_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    info = selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, False, query_offset)
+    idx, valid, val, lse = _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset,
+                                wrap_triton)
+    return val, lse, idx, valid  # float outputs first: see OP_OUTPUTS
+
+
+@torch.library.triton_op("nsa::select_topk_backward", mutates_args=())
+def _select_topk_bwd_op(
+    q: torch.Tensor, ck: torch.Tensor, block_idx: torch.Tensor, values: torch.Tensor, lse: torch.Tensor,
+    grad_values: torch.Tensor, num_mem: int, compress_block_size: int, stride: int, selection_block_size: int,
+    num_selected: int, causal: bool, share: bool, scale: float, query_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.library import wrap_triton
+
+    info = selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, False, query_offset)
+    return _bwd(q, ck, block_idx, values, lse, grad_values, info, num_mem, selection_block_size, causal, share,
+                scale, query_offset, wrap_triton)
+
+
+@_select_topk_op.register_kernel("cpu")
+def _select_topk_cpu(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                     share, scale, query_offset):
+    info = selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, False, query_offset)
+    with torch.no_grad():
+        idx, valid, val = reference_select_topk(
+            q, ck, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
+            selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
+            scale=scale, query_offset=query_offset)
+        lse = _reference_lse(q, ck, info, selection_block_size, causal, scale, query_offset)
+    return val.float().contiguous(), lse, idx.to(torch.int32).contiguous(), valid.contiguous()
+
+
+@_select_topk_bwd_op.register_kernel("cpu")
+def _select_topk_bwd_cpu(q, ck, block_idx, values, lse, grad_values, num_mem, compress_block_size, stride,
+                         selection_block_size, num_selected, causal, share, scale, query_offset):
+    # closed form (autograd cannot record below the op's Autograd key)
+    info = selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, False, query_offset)
+    if info["kk"] == 0:
+        return torch.zeros_like(q), torch.zeros_like(ck)
+    return _reference_backward(q, ck, block_idx, grad_values, info, selection_block_size, causal, scale,
+                               query_offset)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share, scale,
+     query_offset) = inputs
+    val, lse, idx, valid = output
+    ctx.save_for_backward(q, ck, idx, val, lse)
+    ctx.args = (num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share, scale,
+                query_offset)
+    ctx.mark_non_differentiable(idx, valid, lse)
+
+
+def _backward(ctx, d_val, d_lse, d_idx, d_valid):
+    q, ck, idx, val, lse = ctx.saved_tensors
+    if d_val is None:
+        d_val = torch.zeros_like(val)
+    dq, dck = torch.ops.nsa.select_topk_backward(q, ck, idx, val, lse, d_val.contiguous(), *ctx.args)
+    return dq, dck, None, None, None, None, None, None, None, None, None
+
+
+_select_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public
+
+
+def select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share,
+                scale, interpolated=False, query_offset=0, use_kernels=True, paths=None):
+    """Importance scores + top-k block selection (nsa-spec section 4) from q and the compressed keys.
+
+    q (b, n, H, d), ck (b, M + C, K, d) (memory rows first). Returns (block_idx, block_valid, values),
+    each (b, n, Hs, kk): block_idx int32 (on every path), values fp32
+    (promote(dtype, fp32)), differentiable w.r.t. q and ck (use_diff_topk). Matches
+    reference.compressed_attention + importance_scores + select_blocks. Runs on the generated kernels on
+    CUDA (and `use_kernels`) for mappings (a) and (b); mapping (c) and other devices run the reference.
+    The path taken is recorded in `paths["topk"]` when a dict is given.
+    """
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, interpolated, query_offset)
+    path = route(q, use_kernels) if info["mapping"] != "c" else "reference"
+    report(paths, "topk", path)
+    if path == "reference":
+        idx, valid, val = reference_select_topk(
+            q, ck, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
+            selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
+            scale=scale, interpolated=interpolated, query_offset=query_offset)
+        return idx.to(torch.int32), valid, val
+    val, _, idx, valid = torch.ops.nsa.select_topk(q, ck, num_mem, compress_block_size, stride, selection_block_size,
+                                                    num_selected, causal, share, float(scale), query_offset)
+    return idx, valid, val
