@@ -34,18 +34,10 @@ none; backward (64, 64, 8 warps) 56-112 B, (64, 32, 8 warps) none; at d = 64 (12
 """
 from __future__ import annotations
 
-from functools import cache
-
 import sympy
 
+from . import BM, BN, B, D, MAX_HEAD_DIM, S, W, Formula, padded_head_dim, prune
 from ..spec import VariantSpec
-
-SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on H100 / H200
-REG_LIMIT = 255  # registers per thread before spilling
-HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims are multiples of 8 in [16, 256]; tiles pad to these
-MAX_HEAD_DIM = HEAD_DIMS[-1]
-
-BM, BN, D, S, B, W = sympy.symbols("BLOCK_M BLOCK_N D stages bytes num_warps", positive=True, integer=True)
 
 _FWD_SMEM = S * 2 * BN * D * B + BM * D * B + BM * BN * B
 _FWD_REGS = (BM * D + 3 * BM * BN + BM * D * B / 4 + 2 * BN * D * B / 4) / (32 * W) + 32
@@ -54,13 +46,9 @@ _DKDV_REGS = (2 * BN * D + 4 * BM * BN + 2 * BN * D * B / 4) / (32 * W) + 100
 _DQ_SMEM = S * 2 * BN * D * B + 2 * BM * D * B + BM * BN * B
 _DQ_REGS = (BM * D + 3 * BM * BN + 2 * BM * D * B / 4) / (32 * W) + 40
 
-SMEM = {
-    "fwd": _FWD_SMEM,
-    "bwd": sympy.Max(_DKDV_SMEM, _DQ_SMEM),
-}
-REGS = {
-    "fwd": _FWD_REGS,
-    "bwd": sympy.Max(_DKDV_REGS, _DQ_REGS),
+FORMULAS = {
+    "fwd": Formula(_FWD_SMEM, _FWD_REGS, (BM, BN, D, S, B, W)),
+    "bwd": Formula(sympy.Max(_DKDV_SMEM, _DQ_SMEM), sympy.Max(_DKDV_REGS, _DQ_REGS), (BM, BN, D, S, B, W)),
 }
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) in order of preference (larger tiles first, so that a head
@@ -85,52 +73,24 @@ def _kind(family: str) -> str:
     return family.rsplit("_", 1)[1]
 
 
-@cache
-def _functions(kind: str):
-    """The formulas of `kind` ('fwd' | 'bwd') as numeric functions (lambdify once per process)."""
-    args = (BM, BN, D, S, B, W)
-    return sympy.lambdify(args, SMEM[kind], "math"), sympy.lambdify(args, REGS[kind], "math")
-
-
-def _pow2(x: int) -> int:
-    return 1 << (max(1, x) - 1).bit_length()
-
-
 def predict(spec: VariantSpec, config: dict, head_dim: int, dtype_bytes: int) -> dict:
     """Predicted shared memory (bytes) and registers per thread of `spec` under `config`."""
-    smem_f, regs_f = _functions(_kind(spec.family))
-    d = _pow2(max(16, head_dim))  # BLOCK_D
-    args = (config["BLOCK_M"], config["BLOCK_N"], d, config["num_stages"], dtype_bytes, config["num_warps"])
-    return {"shared": int(smem_f(*args)), "n_regs": int(round(regs_f(*args))), "BLOCK_D": d}
-
-
-def _max_head_dim(spec: VariantSpec, config: dict, dtype_bytes: int) -> int:
-    fits = []
-    for d in HEAD_DIMS:
-        pred = predict(spec, config, d, dtype_bytes)
-        if pred["shared"] <= SMEM_LIMIT and pred["n_regs"] <= REG_LIMIT:
-            fits.append(d)
-    return max(fits, default=0)
+    d = padded_head_dim(head_dim)
+    pred = FORMULAS[_kind(spec.family)](config["BLOCK_M"], config["BLOCK_N"], d, config["num_stages"], dtype_bytes,
+                                        config["num_warps"])
+    return {**pred, "BLOCK_D": d}
 
 
 def tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
-    """(kept, dropped): tile configs in order of preference, pruned by the shared-memory model at head
-    dim 256 in a 16-bit dtype and by the packing rule BLOCK_M >= G; one line per dropped config."""
-    kind = _kind(spec.family)
-    kept, dropped = [], []
-    for bm, bn, warps, stages in CANDIDATES[kind]:
-        config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
-        label = f"BLOCK_M={bm} BLOCK_N={bn} num_warps={warps} num_stages={stages}"
-        if bm < spec.group:
-            dropped.append(f"{label}: BLOCK_M < G={spec.group} (a tile holds whole groups of heads)")
-            continue
-        pred = predict(spec, config, MAX_HEAD_DIM, 2)
-        if pred["shared"] > SMEM_LIMIT:
-            dropped.append(
-                f"{label}: shared memory {pred['shared']} B > {SMEM_LIMIT} B at head dim {MAX_HEAD_DIM} in 16-bit"
-            )
-            continue
-        config["max_d16"] = _max_head_dim(spec, config, 2)
-        config["max_d32"] = _max_head_dim(spec, config, 4)
-        kept.append(config)
-    return kept, dropped
+    """(kept, dropped): tile configs in order of preference, pruned by the packing rule BLOCK_M >= G and by
+    the shared-memory model at head dim 256 in a 16-bit dtype; registers count toward each head-dim limit."""
+    candidates = ({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                  for bm, bn, w, st in CANDIDATES[_kind(spec.family)])
+
+    def whole_groups(config):
+        if config["BLOCK_M"] < spec.group:
+            return f"BLOCK_M < G={spec.group} (a tile holds whole groups of heads)"
+        return None
+
+    return prune(candidates, lambda c, d, nbytes: predict(spec, c, d, nbytes), check_registers=True,
+                 must_fit_head_dim=MAX_HEAD_DIM, reject=whole_groups)

@@ -27,27 +27,20 @@ until a corrected one has been checked on a GPU (a smaller estimate would keep c
 from __future__ import annotations
 
 import itertools
-from functools import cache
 
 import sympy
 
+from . import BM, BN, B, D, MAX_HEAD_DIM, S, W, Formula, padded_head_dim, pow2, prune
 from ..spec import VariantSpec
 
-SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on H100 / H200
-REG_LIMIT = 255  # registers per thread before spilling
-HEAD_DIMS = (16, 32, 64, 128, 256)  # supported head dims are multiples of 8 in [16, 256]; tiles pad to these
-MAX_HEAD_DIM = HEAD_DIMS[-1]
-
-BM, BN, D, S, B, W = sympy.symbols("BLOCK_M BLOCK_N D stages bytes num_warps", positive=True, integer=True)
-
-SMEM = {
-    "select_fwd": S * 2 * BN * D * B + BM * D * B + BM * BN * B,
-    "select_bwd": S * 2 * BN * D * B + 2 * BM * D * B + 2 * BM * BN * B,
+FORMULAS = {
+    "select_fwd": Formula(S * 2 * BN * D * B + BM * D * B + BM * BN * B,
+                          (BM * D + 3 * BM * BN + BM * D * B / 4) / (32 * W) + 32, (BM, BN, D, S, B, W)),
+    "select_bwd": Formula(S * 2 * BN * D * B + 2 * BM * D * B + 2 * BM * BN * B,
+                          (BM * D + 2 * BN * D + 5 * BM * BN + 2 * BM * D * B / 4) / (32 * W) + 40,
+                          (BM, BN, D, S, B, W)),
 }
-REGS = {
-    "select_fwd": (BM * D + 3 * BM * BN + BM * D * B / 4) / (32 * W) + 32,
-    "select_bwd": (BM * D + 2 * BN * D + 5 * BM * BN + 2 * BM * D * B / 4) / (32 * W) + 40,
-}
+LAUNCH = ((4, 2), (4, 1), (8, 2), (4, 3), (8, 1), (8, 3))  # (num_warps, num_stages) in order of preference
 
 
 # select_bwd's key-major dkv_kernel (one config per head dim, ops.dkv_launch; not autotuned): K, V tiles
@@ -60,30 +53,19 @@ DKV_REGS = (2 * BN * D + 5 * RK * BN) / (32 * W) + 40
 
 def predict_dkv(spec: VariantSpec, head_dim: int, dtype_bytes: int, num_warps: int, num_stages: int) -> dict:
     """Predicted shared memory (bytes) and registers per thread of `spec`'s dkv_kernel (select_bwd)."""
-    gp = _pow2(spec.group)
+    gp = pow2(spec.group)
     rows = max(1, 64 // gp) * gp
-    block_k = min(max(16, _pow2(spec.block_size)), 64)
-    d = _pow2(max(16, head_dim))
+    block_k = min(max(16, pow2(spec.block_size)), 64)
+    d = pow2(max(16, head_dim))
     subs = {BN: block_k, D: d, B: dtype_bytes, S: num_stages, W: num_warps, RK: rows}
     return {"shared": int(DKV_SMEM.subs(subs)), "n_regs": int(round(float(DKV_REGS.subs(subs)))),
             "DKV_ROWS": rows, "DKV_BLOCK_K": block_k, "BLOCK_D": d}
 
 
-@cache
-def _functions(family: str):
-    """The family's formulas as numeric functions (lambdify once per process)."""
-    args = (BM, BN, D, S, B, W)
-    return sympy.lambdify(args, SMEM[family], "math"), sympy.lambdify(args, REGS[family], "math")
-
-
-def _pow2(x: int) -> int:
-    return 1 << (max(1, x) - 1).bit_length()
-
-
 def layout(spec: VariantSpec, force_pad: bool = False, force_tpp: int | None = None) -> dict:
     """Structural layout of a selected-attention program (same rules as templates/_macros.j2)."""
-    gp = _pow2(spec.group)
-    lp = _pow2(spec.block_size)
+    gp = pow2(spec.group)
+    lp = pow2(spec.block_size)
     tpp = force_tpp or (1 if (gp >= 16 or force_pad) else 16 // gp)
     rows = max(gp * tpp, 16)
     gather = tpp == 1 and spec.block_size < 16
@@ -101,35 +83,20 @@ def layout(spec: VariantSpec, force_pad: bool = False, force_tpp: int | None = N
 def predict(spec: VariantSpec, config: dict, head_dim: int, dtype_bytes: int, force_pad: bool = False) -> dict:
     """Predicted shared memory (bytes) and registers per thread of `spec` under `config`."""
     lay = layout(spec, force_pad)
-    smem_f, regs_f = _functions(spec.family)
-    d = _pow2(max(16, head_dim))  # BLOCK_D
-    args = (lay["BLOCK_M"], config["BLOCK_N"], d, config["num_stages"], dtype_bytes, config["num_warps"])
-    return {"shared": int(smem_f(*args)), "n_regs": int(round(regs_f(*args))), "BLOCK_M": lay["BLOCK_M"], "BLOCK_D": d}
-
-
-def _max_head_dim(spec: VariantSpec, config: dict, dtype_bytes: int) -> int:
-    fits = [d for d in HEAD_DIMS if predict(spec, config, d, dtype_bytes)["shared"] <= SMEM_LIMIT]
-    return max(fits, default=0)
+    d = padded_head_dim(head_dim)
+    pred = FORMULAS[spec.family](lay["BLOCK_M"], config["BLOCK_N"], d, config["num_stages"], dtype_bytes,
+                                 config["num_warps"])
+    return {**pred, "BLOCK_M": lay["BLOCK_M"], "BLOCK_D": d}
 
 
 def tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
-    """(kept, dropped): autotune candidates in order of preference, pruned by the shared-memory model
-    at head dim 256 in a 16-bit dtype; one line per dropped config saying why."""
-    if spec.family not in SMEM:
-        raise ValueError(f"no resource model for family {spec.family!r}; known: {sorted(SMEM)}")
-    lay = layout(spec)
-    block_ns = sorted(lay["BLOCK_N"], key=lambda n: -n)  # wider gathered tiles first
-    kept, dropped = [], []
-    for n, (warps, stages) in itertools.product(block_ns, ((4, 2), (4, 1), (8, 2), (4, 3), (8, 1), (8, 3))):
-        config = {"BLOCK_N": n, "num_warps": warps, "num_stages": stages}
-        pred = predict(spec, config, MAX_HEAD_DIM, 2)
-        if pred["shared"] > SMEM_LIMIT:
-            dropped.append(
-                f"BLOCK_N={n} num_warps={warps} num_stages={stages}: shared memory {pred['shared']} B "
-                f"> {SMEM_LIMIT} B at head dim {MAX_HEAD_DIM} in 16-bit"
-            )
-            continue
-        config["max_d16"] = _max_head_dim(spec, config, 2)
-        config["max_d32"] = _max_head_dim(spec, config, 4)
-        kept.append(config)
-    return kept, dropped
+    """(kept, dropped): autotune candidates in order of preference (wider gathered tiles first), pruned by
+    the shared-memory model at head dim 256 in a 16-bit dtype. Registers do not count toward the head-dim
+    limits: the register model under-predicts the forward and over-predicts the backward (compiled
+    figures in the module docstring), so it would keep configs that spill and drop ones that do not."""
+    if spec.family not in FORMULAS:
+        raise ValueError(f"no resource model for family {spec.family!r}; known: {sorted(FORMULAS)}")
+    block_ns = sorted(layout(spec)["BLOCK_N"], key=lambda n: -n)
+    candidates = ({"BLOCK_N": n, "num_warps": w, "num_stages": st} for n, (w, st) in itertools.product(block_ns, LAUNCH))
+    return prune(candidates, lambda c, d, nbytes: predict(spec, c, d, nbytes), check_registers=False,
+                 must_fit_head_dim=MAX_HEAD_DIM)

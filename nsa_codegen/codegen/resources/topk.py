@@ -38,27 +38,21 @@ The launcher picks the first kept config that fits the call's head dim, without 
 from __future__ import annotations
 
 import itertools
-from functools import cache
 
 import sympy
 
+from . import B, D, S, W, Formula, padded_head_dim, prune
 from ..spec import VariantSpec
 
-SMEM_LIMIT = 227 * 1024  # bytes of shared memory per block on H100 / H200
-REG_LIMIT = 255  # registers per thread before spilling
-HEAD_DIMS = (16, 32, 64, 128, 256)
-MAX_HEAD_DIM = HEAD_DIMS[-1]
 MODEL_KP = 32  # top-k list width assumed at render time (kk <= 32 covers the paper's k = 16)
 
-BM, BU, D, S, B, W, KP = sympy.symbols("BLOCK_M BLOCK_U D stages bytes num_warps KP", positive=True, integer=True)
+BM, BU, KP = sympy.symbols("BLOCK_M BLOCK_U KP", positive=True, integer=True)
 
-SMEM = {
-    "topk_fwd": (BM + BU) * D * 16 / B,
-    "topk_bwd": (BM + BU) * D * 16 / B + BM * D * 8 + BM * BU * 8,
-}
-REGS = {
-    "topk_fwd": (BM * D + 3 * BM * BU + 2 * BM * KP) / (32 * W) + 40,
-    "topk_bwd": (2 * BM * D + BU * D + 3 * BM * BU + 2 * BM * KP) / (32 * W) + 48,
+_SYMBOLS = (BM, BU, D, S, B, W, KP)
+FORMULAS = {
+    "topk_fwd": Formula((BM + BU) * D * 16 / B, (BM * D + 3 * BM * BU + 2 * BM * KP) / (32 * W) + 40, _SYMBOLS),
+    "topk_bwd": Formula((BM + BU) * D * 16 / B + BM * D * 8 + BM * BU * 8,
+                        (2 * BM * D + BU * D + 3 * BM * BU + 2 * BM * KP) / (32 * W) + 48, _SYMBOLS),
 }
 
 # per family: (BLOCK_M, BLOCK_U) in order of preference, then (num_warps, num_stages)
@@ -69,44 +63,18 @@ TILES = {
 LAUNCH = ((8, 2), (4, 2), (8, 1))
 
 
-@cache
-def _functions(family: str):
-    args = (BM, BU, D, S, B, W, KP)
-    return sympy.lambdify(args, SMEM[family], "math"), sympy.lambdify(args, REGS[family], "math")
-
-
 def predict(spec: VariantSpec, config: dict, head_dim: int, dtype_bytes: int, kp: int = MODEL_KP) -> dict:
     """Predicted shared memory (bytes) and registers per thread of `spec` under `config`."""
-    smem_f, regs_f = _functions(spec.family)
-    d = 1 << (max(16, head_dim) - 1).bit_length()  # BLOCK_D
-    args = (config["BLOCK_M"], config["BLOCK_U"], d, config["num_stages"], dtype_bytes, config["num_warps"], kp)
-    return {"shared": int(smem_f(*args)), "n_regs": int(round(regs_f(*args))), "BLOCK_D": d}
-
-
-def _max_head_dim(spec: VariantSpec, config: dict, dtype_bytes: int) -> int:
-    fits = [
-        d for d in HEAD_DIMS
-        if (p := predict(spec, config, d, dtype_bytes))["shared"] <= SMEM_LIMIT and p["n_regs"] <= REG_LIMIT
-    ]
-    return max(fits, default=0)
+    d = padded_head_dim(head_dim)
+    pred = FORMULAS[spec.family](config["BLOCK_M"], config["BLOCK_U"], d, config["num_stages"], dtype_bytes,
+                                 config["num_warps"], kp)
+    return {**pred, "BLOCK_D": d}
 
 
 def tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
-    """(kept, dropped) tile configs of a topk variant, in order of preference."""
-    if spec.family not in SMEM:
-        raise ValueError(f"no resource model for family {spec.family!r}; known: {sorted(SMEM)}")
-    kept, dropped = [], []
-    for (bm, bu), (warps, stages) in itertools.product(TILES[spec.family], LAUNCH):
-        config = {"BLOCK_M": bm, "BLOCK_U": bu, "num_warps": warps, "num_stages": stages}
-        config["max_d16"] = _max_head_dim(spec, config, 2)
-        config["max_d32"] = _max_head_dim(spec, config, 4)
-        if config["max_d16"] == 0 or config["max_d32"] == 0:
-            pred = predict(spec, config, HEAD_DIMS[0], 4)
-            dropped.append(
-                f"BLOCK_M={bm} BLOCK_U={bu} num_warps={warps} num_stages={stages}: fits no head dim "
-                f"(at head dim {HEAD_DIMS[0]} in fp32: shared memory {pred['shared']} B of {SMEM_LIMIT} B, "
-                f"{pred['n_regs']} of {REG_LIMIT} registers per thread)"
-            )
-            continue
-        kept.append(config)
-    return kept, dropped
+    """(kept, dropped) tile configs of a top-k variant, in order of preference; a config that fits no head
+    dim (shared memory and registers) is dropped."""
+    candidates = ({"BLOCK_M": bm, "BLOCK_U": bu, "num_warps": w, "num_stages": st}
+                  for (bm, bu), (w, st) in itertools.product(TILES[spec.family], LAUNCH))
+    return prune(candidates, lambda c, d, nbytes: predict(spec, c, d, nbytes), check_registers=True,
+                 must_fit_head_dim=None)
