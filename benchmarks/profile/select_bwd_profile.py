@@ -24,7 +24,7 @@ from triton.testing import do_bench  # noqa: E402
 from select_check import selection  # noqa: E402
 from nsa_codegen.codegen import cache  # noqa: E402
 from nsa_codegen.codegen.spec import VariantSpec  # noqa: E402
-from nsa_codegen.kernels import selected  # noqa: E402
+from nsa_codegen.kernels import _launch, selected  # noqa: E402
 
 
 def ms(fn):
@@ -57,7 +57,7 @@ def profile(n, shared, H=64, K=4, d=128, l=64, kk=16):
     for warps, stages in ((8, 1), (8, 2), (4, 1), (4, 2), (8, 3)):
         try:
             row["dkv"][f"w{warps}s{stages}"] = ms(lambda: selected._launch_dkv(
-                bwd_mod, selected._no_wrap, q, k, v, g, g.stride(), True, dout, lse, delta, dk, dv, entries, segments,
+                bwd_mod, _launch.no_wrap, q, k, v, g, g.stride(), True, dout, lse, delta, dk, dv, entries, segments,
                 hs, kk, d ** -0.5, num_warps=warps, num_stages=stages))
         except Exception as exc:  # noqa: BLE001
             row["dkv"][f"w{warps}s{stages}"] = repr(exc)[:200]

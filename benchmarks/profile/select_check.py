@@ -38,7 +38,7 @@ from nsa_codegen import reference  # noqa: E402
 from nsa_codegen.codegen import cache, render  # noqa: E402
 from nsa_codegen.codegen.resources import selected as resources  # noqa: E402
 from nsa_codegen.codegen.spec import VariantSpec  # noqa: E402
-from nsa_codegen.kernels import selected  # noqa: E402
+from nsa_codegen.kernels import _launch, selected  # noqa: E402
 
 RESULTS: dict = {"env": {}, "smoke": [], "timing": [], "packing": [], "resources": []}
 
@@ -198,7 +198,7 @@ def resource_compare():
         if fam == "select_bwd":
             selected.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, torch.randn_like(out), **kw)
         torch.cuda.synchronize()
-        cfg_kw, launch = selected._config(mod, d, dtype)
+        cfg_kw, launch = _launch.choose_config(mod, d, dtype)  # the default config
         compiled = None
         for dev_cache in mod.kernel.device_caches.values() if hasattr(mod.kernel, "device_caches") else []:
             for kern in dev_cache[0].values():

@@ -14,9 +14,9 @@ NSA_CODEGEN_CACHE / TRITON_CACHE_DIR) that times its first call (host clock, syn
   table-only     tuned-cold's table, empty Triton cache: what a shipped table gives (one compile)
 
 tuned-warm also measures the steady state: every candidate with a long do_bench (did the short tuning
-benchmark pick the best?), default vs tuned interleaved 3x, the warm `_config` cost (us per call), a
-call under torch.cuda.set_sync_debug_mode("error") (no host sync on the warm path), and default vs
-tuned outputs. tuned-cold checks that its first output (computed around the benchmark) equals its second.
+benchmark pick the best?), default vs tuned config interleaved 3x (the same raw launch, only the config
+differs), the warm `choose_config` cost (us per call), a call under
+torch.cuda.set_sync_debug_mode("error") (no host sync on the warm path), and default vs tuned outputs. tuned-cold checks that its first output (computed around the benchmark) equals its second.
 Writes DIR/tuning_check.json (DIR: --out, default the current folder) and the tuning table beside it;
 prints a short table last. The repository root is put on sys.path / PYTHONPATH (no install needed).
 """
@@ -56,7 +56,7 @@ def child(mode: str, result_path: str) -> None:
 
     from nsa_codegen.codegen import cache
     from nsa_codegen.codegen.spec import VariantSpec
-    from nsa_codegen.kernels import selected, tuning
+    from nsa_codegen.kernels import _launch, selected, tuning
 
     res = {"mode": mode, "import_s": time.perf_counter() - t_start, "tune_env": os.environ.get("NSA_CODEGEN_TUNE"),
            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__}
@@ -85,10 +85,21 @@ def child(mode: str, result_path: str) -> None:
     res["second_call_s"] = time.perf_counter() - t0
     res["first_equals_second"] = bool(torch.equal(out, out2))
 
-    mod = cache.load_variant(VariantSpec("select_fwd", L, H // K, True))
-    fwd_args = (q, k, v, idx, valid, None, L, True, kw["scale"])
-    used = selected._config(mod, D, q.dtype, fwd_args)  # warm: what the calls above used
-    default = selected._pick_config(mod, D, 2)
+    mod = cache.load_variant(VariantSpec("select_fwd", L, H // K, True))  # the module the calls above used
+    block_d = _launch.padded_head_dim(D)
+    launch_valid = selected._in_range(idx, valid, N, L)
+    scratch_out = torch.empty_like(q)
+    scratch_lse = torch.empty((B, N, H), device="cuda", dtype=torch.float32)
+
+    def launch(config):
+        """One forward launch with `config` (bypassing the tuned choice) into scratch outputs."""
+        selected._launch_fwd(mod, _launch.split(config), _launch.no_wrap, q, k, v, idx, launch_valid, None,
+                             kw["scale"], scratch_out, scratch_lse)
+        return scratch_out
+
+    tune = (None, q, launch)
+    used = _launch.choose_config(mod, D, q.dtype, tune=tune)  # warm: what the calls above used
+    default = _launch.split(_launch.default_config(mod.CONFIGS, block_d, 2))
     res["variant"] = tuning.variant_name(mod)
     res["config"] = {**used[0], **used[1]}
     res["default_config"] = {**default[0], **default[1]}
@@ -100,34 +111,32 @@ def child(mode: str, result_path: str) -> None:
     res["decisions"] = tuning.decisions()  # cold-path decisions of this process (source, reason, times)
 
     if mode == "tuned-warm":
-        cands = tuning.fitting_configs(mod.CONFIGS, D, 2)
+        cands = _launch.fitting_configs(mod.CONFIGS, block_d, 2)
 
         def forced(config):
-            def g():
-                with tuning.forced(config):
-                    return f()
-            return g
+            return lambda: launch(config)
 
         res["candidates_long_bench_ms"] = [
             {"config": c, "ms": float(do_bench(forced(c), warmup=25, rep=200, return_mode="median"))} for c in cands]
-        default_cfg = tuning.default_config(mod.CONFIGS, D, 2)
-        rounds = []
+        default_cfg = _launch.default_config(mod.CONFIGS, block_d, 2)
+        tuned_cfg = res["config"]
+        rounds = []  # both through the same raw launch, so only the tile config differs
         for _ in range(3):
             rounds.append({"default_ms": float(do_bench(forced(default_cfg), warmup=10, rep=100, return_mode="median")),
-                           "tuned_ms": float(do_bench(f, warmup=10, rep=100, return_mode="median"))})
+                           "tuned_ms": float(do_bench(forced(tuned_cfg), warmup=10, rep=100, return_mode="median"))})
         res["steady_rounds"] = rounds
         res["steady_default_ms"] = sorted(r["default_ms"] for r in rounds)[1]
         res["steady_tuned_ms"] = sorted(r["tuned_ms"] for r in rounds)[1]
-        out_default = forced(default_cfg)()
+        out_default = forced(default_cfg)().clone()
         res["max_abs_diff_default_vs_tuned"] = float((out_default.float() - f().float()).abs().max())
         reps = 20000
         t0 = time.perf_counter()
         for _ in range(reps):
-            selected._config(mod, D, q.dtype, fwd_args)
+            _launch.choose_config(mod, D, q.dtype, tune=tune)
         res["config_tuned_us"] = (time.perf_counter() - t0) / reps * 1e6
         t0 = time.perf_counter()
         for _ in range(reps):
-            selected._config(mod, D, q.dtype)
+            _launch.choose_config(mod, D, q.dtype)
         res["config_untuned_us"] = (time.perf_counter() - t0) / reps * 1e6
         torch.cuda.synchronize()
         try:
