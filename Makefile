@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements-cpu.txt
-	$(PIP) install -q --no-deps -e .
+	# the build backend's notice about package folders mapped into the editable install is not ours to act on
+	PYTHONWARNINGS=ignore $(PIP) install -q --no-deps -e .
 	touch $@
 
 generate: install
@@ -34,12 +35,19 @@ demo: run
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(JOBS) -q
 
-# On a CUDA machine (the H200): the GPU lane.
+# GPU targets: the project's venv when there is one, else the machine's own Python (a GPU image brings
+# its CUDA build of torch and Triton; `make install` would bring the CPU build). Both say so and stop
+# when that Python cannot import torch.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+NEED_TORCH = @$(GPU_PY) -c "import torch" 2>/dev/null || { echo "$(GPU_PY) cannot import torch: run 'make install' or use a Python with CUDA torch (PYTHON=...)"; exit 1; }
+
 test-gpu:
-	$(PYTHON) -m pytest -m gpu -q
+	$(NEED_TORCH)
+	$(GPU_PY) -m pytest -m gpu -q
 
 bench:
-	$(PYTHON) -m nsa_codegen bench
+	$(NEED_TORCH)
+	$(GPU_PY) -m nsa_codegen bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1298,6 +1298,14 @@ def compute_ratios(rows) -> list[dict]:
     return ratios
 
 
+def result_stem(info: dict, args) -> str:
+    """bench_<device>_<UTC stamp>[_quick][_tag]: the GPU's name on CUDA, 'cpu' on the CPU."""
+    name = info.get("gpu", "gpu") if args.device == "cuda" else "cpu"
+    device = "".join(ch if ch.isalnum() else "-" for ch in str(name)).strip("-").lower()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"bench_{device}_{stamp}{'_quick' if args.quick else ''}{('_' + args.tag) if args.tag else ''}"
+
+
 def env_info(torch) -> dict:
     import triton
 
@@ -1525,10 +1533,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = "".join(ch if ch.isalnum() else "-" for ch in str(info.get("gpu", "gpu"))).strip("-").lower()
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = f"bench_{gpu}_{stamp}{'_quick' if args.quick else ''}{('_' + args.tag) if args.tag else ''}"
-    path = out / f"{stem}.json"
+    path = out / f"{result_stem(info, args)}.json"
 
     def write(resources=None, complete=False):
         for r in bench.rows:  # achieved rates against the ceilings measured in this run
