@@ -1,7 +1,7 @@
-"""Shared argument checks for the ops modules (ops, ops_window, ops_compressed, ops_topk).
+"""Argument checks shared by the kernel families (nsa_codegen.kernels.*).
 
-Each function raises TypeError / ValueError naming the offending argument and the allowed values; the
-message texts are the ones the ops modules always raised (tests match words in them). Checks that only
+Each function raises TypeError / ValueError naming the offending argument and the allowed values
+(tests match words in the messages). Checks that only
 one family needs (selection shapes, num_mem bounds, ...) stay in that family's module.
 """
 from __future__ import annotations

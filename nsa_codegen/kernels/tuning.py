@@ -1,5 +1,6 @@
-"""Persisted tuning of launch configs (today: the selected-attention forward kernel and the two kernels
-of the compressed-attention backward, each kernel of a module tuned on its own).
+"""Persisted tuning of launch configs: the kernels whose launchers pass `tune=` to
+`_launch.choose_config` (the selected-attention forward and the two kernels of the compressed-attention
+backward, each kernel of a module tuned on its own).
 
 A generated module lists the tile configs the resource model kept (`CONFIGS`, render-time preference
 order). Without tuning the launcher takes the first one that fits the head dim (the *default*). With
@@ -18,7 +19,7 @@ stale and ignored, as are entries of another table format and unreadable files. 
 tune the same key at once, the first to write wins and the other adopts its entry.
 
 Never benchmarked (the table is used if it has the key, else the default config): under
-`NSA_CODEGEN_TUNE=0` (then not even the table: always the default, the behaviour before tuning; read
+`NSA_CODEGEN_TUNE=0` (then not even the table: always the default; read
 when a key is first resolved in a process, so set it before the first call),
 `TRITON_INTERPRET=1`, fake / meta / functional tensors (torch.compile tracing), an active dispatch mode
 (make_fx, FakeTensorMode), `torch.compiler.is_compiling()`, CUDA graph capture, non-CUDA tensors.
