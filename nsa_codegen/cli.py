@@ -29,7 +29,12 @@ def _cache(args) -> int:
     from .codegen import cache
 
     if args.action == "clear":
-        print(f"removed {cache.clear()} entries from {cache.cache_dir()}")
+        try:
+            removed = cache.clear()
+        except cache.CacheError as exc:  # e.g. a read-only cache dir: say which, no traceback
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"removed {removed} entries from {cache.cache_dir()}")
     else:
         print(cache.cache_dir())
     return 0
