@@ -140,7 +140,8 @@ def generate(specs, root: Path = GENERATED_DIR) -> dict:
     manifest, changed = [], []
     for spec in specs:
         path = generated_path(spec, root)
-        if write_if_changed(path, render(spec)):
+        text = render(spec)
+        if write_if_changed(path, text):
             changed.append(str(path.relative_to(root)))
         manifest.append(
             {
@@ -151,6 +152,7 @@ def generate(specs, root: Path = GENERATED_DIR) -> dict:
                 "template": spec.template,
                 "template_sha256": template_sha256(spec.template),
                 "generator_version": GENERATOR_VERSION,
+                "source_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
             }
         )
     wanted = {m["file"] for m in manifest}
