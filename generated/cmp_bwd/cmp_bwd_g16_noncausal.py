@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g16_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "cmp_bwd", "group": 16}
-# template_sha256: 11d33bed631ae77e1098b40b37443c94b249bd628f92a380e61cee7bc40851ef
+# template_sha256: f20d767c3a0b75c30e0c8cdf77ebb248bf833948730f9cf589a3963c95eda371
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -104,12 +104,11 @@ def dkdv_kernel(
         tok = start_t + rows // 16
         head = kvh * 16 + rows % 16
         row_ok = (tok < N_Q)
-        row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
-        do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
-
         rq_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
+        q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=rq_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
+                     mask=rq_mask, other=0.0)
         lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
         lse2 = lse * 1.4426950408889634
         delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
@@ -154,12 +153,11 @@ def dq_kernel(
     tok = t0 + rows // 16
     head = kvh * 16 + rows % 16
     row_ok = (tok < N_Q)
-    row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
-    do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
-
     rq_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
+    q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+                mask=rq_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
+                 mask=rq_mask, other=0.0)
     lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
     lse2 = lse * 1.4426950408889634
     delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
@@ -184,6 +182,7 @@ def dq_kernel(
         delta_acc += tl.sum(p * dp, 1)
         pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
+    # the last partial tile
     for start_n in range(full_hi, N_KV, BLOCK_N):
         key = start_n + offs_n
         col_ok = key < N_KV
@@ -201,5 +200,5 @@ def dq_kernel(
 
     dq = (dq - (delta_acc - delta)[:, None] * pk) * tl.cast(scale, tl.float32)
     tl.store(DELTA_OUT + b * stride_lb + tok * stride_ln + head * stride_lh, delta_acc, mask=row_ok)
-    dq_off = tok[:, None] * stride_dqn + head[:, None] * stride_dqh
-    tl.store(DQ + b * stride_dqb + dq_off + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rq_mask)
+    tl.store(DQ + b * stride_dqb + tok[:, None] * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rq_mask)

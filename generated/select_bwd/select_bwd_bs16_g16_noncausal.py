@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_bwd_bs16_g16_noncausal
 # spec: {"block_size": 16, "causal": false, "family": "select_bwd", "group": 16}
-# template_sha256: 54371ce2d8700b720f455f4b590d95633e11dad775eb4d9e39b3f557a4eba510
+# template_sha256: e52b6f12d5f798301b6b2a2b71cd0c892324f856c0385f9f5ec466f22abaffe3
 # configs kept (6):
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}

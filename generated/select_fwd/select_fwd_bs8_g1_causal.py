@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs8_g1_causal
 # spec: {"block_size": 8, "causal": true, "family": "select_fwd", "group": 1}
-# template_sha256: dc1de18b19944ed18895ba6e7c34b50c080dba84fe5e8eb2b92f4967bbf8f4b4
+# template_sha256: 48de941f4612670e5cdb6edea73e3c1db840171b32f6e54239f58a995c1e52b0
 # configs kept (6):
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: topk_fwd_bs64_g8_causal
 # spec: {"block_size": 64, "causal": true, "family": "topk_fwd", "group": 8}
-# template_sha256: 95a1beaa00ce4abdfdd743ce2833fccece8cffc7b8494d7724ea0756296b871b
+# template_sha256: 071d33c4fa4094b0125b682f8c4d66c95e65d8e199b6f54111d2b33b5e8c9159
 # configs kept (23):
 #   {"BLOCK_M": 64, "BLOCK_U": 64, "max_d16": 128, "max_d32": 256, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_U": 64, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 4}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_fwd_g1_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "window_fwd", "group": 1}
-# template_sha256: ee1c03cd4399bedfd2de78a047ecc8486d6e1307a68284d43dc3bd0cd4c1de99
+# template_sha256: 27e8a9d2012a5807adb9d7b0996f8daab7b3880ca967279bd14a726e1566db54
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -75,8 +75,9 @@ def kernel(
     tok = t0 + rows
     head = kvh
     row_ok = tok < N_Q
-    q_ptrs = Q + b * stride_qb + tok[:, None] * stride_qn + head * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    rq_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
+                mask=rq_mask, other=0.0)
     # query positions; padding rows repeat the tile's last real position
     p_first = Q_OFF + t0
     p_last = Q_OFF + tl.minimum(t0 + TOKENS, N_Q) - 1
@@ -150,6 +151,6 @@ def kernel(
     l_use = tl.where(has_key, l_i, 1.0)
     out = acc / l_use[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(l_use)) * 0.6931471805599453, float("-inf"))
-    o_ptrs = OUT + b * stride_ob + tok[:, None] * stride_on + head * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(OUT + b * stride_ob + tok[:, None] * stride_on + head * stride_oh + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=rq_mask)
     tl.store(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, lse, mask=row_ok)
