@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g8_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_bwd", "group": 8}
-# template_sha256: f20d767c3a0b75c30e0c8cdf77ebb248bf833948730f9cf589a3963c95eda371
+# template_sha256: 41260579f51d89a7a05a0a57f16ca8fa060f5a06124b14b73c91f21576085aae
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}

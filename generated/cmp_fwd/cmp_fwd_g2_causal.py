@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_fwd_g2_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_fwd", "group": 2}
-# template_sha256: da1aeb2a49c3234b32b12551d68a244149b215e96677aeb6e2a545d85c485676
+# template_sha256: 88407ca5868bc34a712d6677bb99497a4444de527e48ffcded6ab4c722a7e061
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}

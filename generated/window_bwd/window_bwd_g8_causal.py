@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_bwd_g8_causal
 # spec: {"block_size": 0, "causal": true, "family": "window_bwd", "group": 8}
-# template_sha256: e46974440a3ff76f1f1f1c7679347852a0706ceb6cb6fcc4edbeab841107b6e5
+# template_sha256: 952596470c3a99810245cdf3bebe835b8f2f468ccab9b2d3467ef3446609d4e6
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_fwd_g8_causal
 # spec: {"block_size": 0, "causal": true, "family": "window_fwd", "group": 8}
-# template_sha256: 27e8a9d2012a5807adb9d7b0996f8daab7b3880ca967279bd14a726e1566db54
+# template_sha256: cd3bdc64ea8d64434e6ebb0ca2e5f2da56f4058b95cd01037ccb1c5357215074
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}

@@ -76,8 +76,10 @@ def _tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
     return family_of(spec.family).resource_model().tile_configs(spec)
 
 
-def render(spec: VariantSpec, **layout) -> str:
-    """The source of `spec`. `layout` (selected families, experiments only): force_pad=True (one token per
+def render(spec: VariantSpec, **layout_options) -> str:
+    """The source of `spec`. A family whose resource model computes a program layout
+    (`layout(spec, **layout_options)`: the selected families) renders from it, passed to the template as
+    `layout`; the options (selected families, experiments only): force_pad=True (one token per
     program, the group padded to 16 rows: the baseline packing must beat) or force_tpp=T (T tokens per
     program); never part of the grid or the cache. The tile configs stay those the resource model kept for
     the default layout (a forced layout with more rows may need fewer stages than the first config has)."""
@@ -86,7 +88,13 @@ def render(spec: VariantSpec, **layout) -> str:
         raise ValueError(f"{spec.name}: no tile config fits the resource model; dropped: {dropped}")
     template = _environment().get_template(spec.template)
     header = header_for(spec, configs, dropped)
-    return template.render(spec=spec, configs=configs, dropped=dropped, header=header, **layout)
+    context = dict(spec=spec, configs=configs, dropped=dropped, header=header)
+    model = family_of(spec.family).resource_model()
+    if hasattr(model, "layout"):
+        context["layout"] = model.layout(spec, **layout_options)
+    elif layout_options:
+        raise ValueError(f"{spec.family} has no layout options, got {sorted(layout_options)}")
+    return template.render(**context)
 
 
 def load_with_layout(spec: VariantSpec, **layout):

@@ -53,30 +53,60 @@ DKV_REGS = (2 * BN * D + 5 * RK * BN) / (32 * W) + 40
 
 def predict_dkv(spec: VariantSpec, head_dim: int, dtype_bytes: int, num_warps: int, num_stages: int) -> dict:
     """Predicted shared memory (bytes) and registers per thread of `spec`'s dkv_kernel (select_bwd)."""
-    gp = pow2(spec.group)
-    rows = max(1, 64 // gp) * gp
-    block_k = min(max(16, pow2(spec.block_size)), 64)
-    d = pow2(max(16, head_dim))
+    lay = layout(spec)
+    rows, block_k = lay["DKV_ROWS"], lay["DKV_BLOCK_K"]
+    d = padded_head_dim(head_dim)
     subs = {BN: block_k, D: d, B: dtype_bytes, S: num_stages, W: num_warps, RK: rows}
     return {"shared": int(DKV_SMEM.subs(subs)), "n_regs": int(round(float(DKV_REGS.subs(subs)))),
             "DKV_ROWS": rows, "DKV_BLOCK_K": block_k, "BLOCK_D": d}
 
 
 def layout(spec: VariantSpec, force_pad: bool = False, force_tpp: int | None = None) -> dict:
-    """Structural layout of a selected-attention program (same rules as templates/_macros.j2)."""
+    """Program layout of a selected-attention variant, from its structural fields only: the one source
+    the templates render from (render passes it as `layout`), the generated module's constants (so the
+    launchers) and this model read. `force_pad`, `force_tpp`: experiment layouts (render.load_with_layout).
+
+      GP                  group size padded to a power of two: MMA rows per query token
+      LP                  selection block size l' padded to a power of two
+      TOKENS_PER_PROGRAM  query tokens per program: force_tpp when given; else 1 when the group fills the
+                          MMA M dim (GP >= 16) or force_pad (the padding baseline); else 16 // GP
+                          consecutive tokens packed into 16 rows
+      BLOCK_M             MMA rows: max(GP * TOKENS_PER_PROGRAM, 16)
+      GATHERED            several selected blocks per key tile: one token per program and l' < 16
+      BLOCK_TILE          key tile holding one selected block: max(LP, 16)
+      BLOCK_DIAG          key tile of the causal own-block diagonal: BLOCK_TILE
+      BLOCK_N             key-tile widths the kernels support (autotune candidates): (16, 32, 64) when
+                          GATHERED, else (BLOCK_TILE,)
+      PADDING_BASELINE    force_pad
+    select_bwd's key-major dkv_kernel (one program: one segment of a key block's entries x one key tile):
+      DKV_BLOCK_K         keys per program: min(BLOCK_TILE, 64)
+      DKV_KEY_TILES       programs per key block: ceil(BLOCK_TILE / DKV_BLOCK_K)
+      DKV_TOKENS          (token, slot) entries gathered per step: max(1, 64 // GP), so 64+ rows a step
+      DKV_ROWS            rows per step: DKV_TOKENS * GP
+      DKV_SEGMENT         entries per program: max(DKV_TOKENS, 4096 // GP), about 4096 rows
+    """
     gp = pow2(spec.group)
     lp = pow2(spec.block_size)
     tpp = force_tpp or (1 if (gp >= 16 or force_pad) else 16 // gp)
-    rows = max(gp * tpp, 16)
-    gather = tpp == 1 and spec.block_size < 16
+    gathered = tpp == 1 and spec.block_size < 16
+    block_tile = max(16, lp)
+    dkv_block_k = min(block_tile, 64)
+    dkv_tokens = max(1, 64 // gp)
     return {
-        "BLOCK_M": rows,
-        "TOKENS_PER_PROGRAM": tpp,
+        "GP": gp,
         "LP": lp,
-        "GATHER": gather,
-        "BLOCK_DIAG": max(16, lp),
-        # key-tile widths the template supports for this layout
-        "BLOCK_N": (16, 32, 64) if gather else (max(16, lp),),
+        "TOKENS_PER_PROGRAM": tpp,
+        "BLOCK_M": max(gp * tpp, 16),
+        "GATHERED": gathered,
+        "BLOCK_TILE": block_tile,
+        "BLOCK_DIAG": block_tile,
+        "BLOCK_N": (16, 32, 64) if gathered else (block_tile,),
+        "PADDING_BASELINE": bool(force_pad),
+        "DKV_BLOCK_K": dkv_block_k,
+        "DKV_KEY_TILES": -(-block_tile // dkv_block_k),
+        "DKV_TOKENS": dkv_tokens,
+        "DKV_ROWS": dkv_tokens * gp,
+        "DKV_SEGMENT": max(dkv_tokens, 4096 // gp),
     }
 
 
