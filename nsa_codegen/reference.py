@@ -18,6 +18,10 @@ tensor and no (n x kk*l' x d)-per-head tensor is ever held whole.
 
 Query positions: every function that takes queries also takes ``query_offset`` (default 0):
 query row ``r`` sits at token position ``query_offset + r``. Decoding passes the last position.
+
+The last section holds what the kernels are checked against beyond the outputs above: the
+log-sum-exp each kernel returns beside its output, the fused top-k (compressed logits + importance
+scores + selection in one call) and the closed-form backwards the custom ops run on CPU.
 """
 from __future__ import annotations
 
@@ -50,6 +54,19 @@ __all__ = [
     "selected_attention",
     "sliding_window_attention",
     "nsa_attention",
+    "dense_attention_backward",
+    "sliding_window_keys",
+    "sliding_window_visible",
+    "sliding_window_lse",
+    "sliding_window_backward",
+    "compressed_logits",
+    "compressed_attention_lse",
+    "compressed_attention_backward",
+    "selected_attention_lse",
+    "select_topk",
+    "topk_candidate_scores",
+    "select_topk_lse",
+    "select_topk_backward",
 ]
 
 NEG_FACTOR = 10  # invisible logits are -finfo.max / 10
@@ -678,3 +695,311 @@ def nsa_attention(
         return out, dict(o_cmp=o_cmp, o_slc=o_slc, o_swa=o_swa, gates=g, block_idx=idx,
                          block_valid=valid, values=vals)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel oracles: the log-sum-exp each kernel returns beside its output, the fused top-k, and the
+# closed-form backwards
+#
+# Every kernel forward returns lse (b, n_q, heads) fp32, the natural-log normalizer of its softmax;
+# these compute it from the same visibility rules as the attentions above (fp32, chunked over
+# queries). The closed-form backwards compute gradients without autograd: a custom op's CPU kernel
+# runs below the dispatcher's autograd layer, where autograd does not record.
+
+
+def dense_attention_backward(q, k, v, out, dout, scale, key_range, visible, chunk=128):
+    """Gradients (dq, dk, dv) of softmax attention from the saved output, without autograd, chunked
+    over queries (fp32 accumulation, returned in the inputs' dtypes).
+
+    q (b, n_q, H, d), k, v (b, n_k, K, d) (query head h reads kv head h // G), out and dout like q.
+    ``key_range(i0, i1) -> (j0, j1)``: the keys the queries [i0, i1) can see; ``visible(i0, i1, j0,
+    j1)`` -> (i1 - i0, j1 - j0) bool mask. A query without keys gets zero gradients.
+    """
+    b, nq, h, d = q.shape
+    kh = k.shape[2]
+    g = h // kh
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    for i0 in range(0, nq, chunk):
+        i1 = min(nq, i0 + chunk)
+        j0, j1 = key_range(i0, i1)
+        if j1 <= j0:
+            continue
+        c = i1 - i0
+        qi = q[:, i0:i1].float().reshape(b, c, kh, g, d)
+        doi = dout[:, i0:i1].float().reshape(b, c, kh, g, d)
+        oi = out[:, i0:i1].float().reshape(b, c, kh, g, d)
+        kj, vj = k[:, j0:j1].float(), v[:, j0:j1].float()
+        s = torch.einsum("bnkgd,bmkd->bnkgm", qi, kj) * scale
+        s = s.masked_fill(~visible(i0, i1, j0, j1)[None, :, None, None, :], float("-inf"))
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        p = torch.exp(s - lse.nan_to_num(posinf=0.0, neginf=0.0)).nan_to_num(0.0)  # rows without keys: 0
+        dp = torch.einsum("bnkgd,bmkd->bnkgm", doi, vj)
+        ds = p * (dp - (doi * oi).sum(-1, keepdim=True))
+        dq[:, i0:i1] = (torch.einsum("bnkgm,bmkd->bnkgd", ds, kj) * scale).reshape(b, c, h, d)
+        dk[:, j0:j1] += torch.einsum("bnkgm,bnkgd->bmkd", ds, qi) * scale
+        dv[:, j0:j1] += torch.einsum("bnkgm,bnkgd->bmkd", p, doi)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# 6. sliding window
+
+
+def sliding_window_keys(i0: int, i1: int, nk: int, window: int, causal: bool, query_offset: int = 0):
+    """Key range [j0, j1) the queries [i0, i1) (row indices, at positions query_offset + i) can see."""
+    j0 = max(0, i0 + query_offset - window)
+    j1 = min(nk, i1 + query_offset + (0 if causal else window))
+    return j0, j1
+
+
+def sliding_window_visible(i0: int, i1: int, j0: int, j1: int, window: int, causal: bool,
+                           query_offset: int = 0, device=None) -> Tensor:
+    """(i1 - i0, j1 - j0) bool: key j visible to query i. Causal: j in [i - W, i]; else |i - j| <= W."""
+    pos = torch.arange(i0, i1, device=device) + query_offset
+    keys = torch.arange(j0, j1, device=device)
+    upper = pos[:, None] if causal else pos[:, None] + window
+    return (keys[None, :] >= pos[:, None] - window) & (keys[None, :] <= upper)
+
+
+def sliding_window_lse(q: Tensor, k: Tensor, *, window: int, causal: bool, scale: float,
+                       query_offset: int = 0, chunk: int = 128) -> Tensor:
+    """lse (b, n_q, H) fp32 of the sliding-window logits (-inf for a query without keys)."""
+    b, nq, h, d = q.shape
+    nk, kh = k.shape[1], k.shape[2]
+    g = h // kh
+    lse = torch.empty((b, nq, h), device=q.device, dtype=torch.float32)
+    for i0 in range(0, nq, chunk):
+        i1 = min(nq, i0 + chunk)
+        j0, j1 = sliding_window_keys(i0, i1, nk, window, causal, query_offset)
+        if j1 <= j0:
+            lse[:, i0:i1] = float("-inf")
+            continue
+        vis = sliding_window_visible(i0, i1, j0, j1, window, causal, query_offset, q.device)
+        qi = q[:, i0:i1].float().reshape(b, i1 - i0, kh, g, d)
+        s = torch.einsum("bnkgd,bmkd->bnkgm", qi, k[:, j0:j1].float()) * scale
+        s = s.masked_fill(~vis[None, :, None, None, :], float("-inf"))
+        lse[:, i0:i1] = torch.logsumexp(s, -1).reshape(b, i1 - i0, h)
+    return lse
+
+
+def sliding_window_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, *, window: int,
+                            causal: bool, scale: float, query_offset: int = 0):
+    """(dq, dk, dv) of ``sliding_window_attention`` in closed form (``dense_attention_backward``)."""
+    nk = k.shape[1]
+    return dense_attention_backward(
+        q, k, v, out, dout, scale,
+        key_range=lambda i0, i1: sliding_window_keys(i0, i1, nk, window, causal, query_offset),
+        visible=lambda i0, i1, j0, j1: sliding_window_visible(i0, i1, j0, j1, window, causal, query_offset,
+                                                              q.device),
+    )
+
+
+# 2. compressed attention
+
+
+def compressed_logits(q: Tensor, ck: Tensor, *, num_mem: int, stride: int, causal: bool, scale: float,
+                      query_offset: int = 0) -> Tensor:
+    """The second output of ``compressed_attention`` on its own (differentiable): (b, n_q, H, C) scaled
+    logits of the non-memory columns, invisible entries NEG / 10. Holds an (n_q x C) tensor per head."""
+    b, nq, h, d = q.shape
+    nkv, kh = ck.shape[1], ck.shape[2]
+    c = nkv - num_mem
+    s = torch.einsum("bnkgd,bmkd->bnkgm", q.reshape(b, nq, kh, h // kh, d), ck[:, num_mem:]) * scale
+    if causal and c > 0:
+        vis = compressed_visibility(nq, c, stride, True, q.device, query_offset)
+        s = s.masked_fill(~vis[None, :, None, None, :], masked_value(s.dtype))
+    return s.reshape(b, nq, h, c)
+
+
+def compressed_attention_lse(q: Tensor, ck: Tensor, *, num_mem: int, stride: int, causal: bool, scale: float,
+                             query_offset: int = 0) -> Tensor:
+    """lse (b, n_q, H) fp32 of the compressed-attention logits, memory rows included (always visible).
+    Holds (n_q x (M + C)) per head."""
+    b, nq, h, d = q.shape
+    nkv, kh = ck.shape[1], ck.shape[2]
+    s = torch.einsum("bnkgd,bmkd->bnkgm", q.float().reshape(b, nq, kh, h // kh, d), ck.float()) * scale
+    if causal and nkv > num_mem:
+        vis = compressed_visibility(nq, nkv - num_mem, stride, True, q.device, query_offset)
+        mem = torch.ones((nq, num_mem), dtype=torch.bool, device=q.device)
+        s = s.masked_fill(~torch.cat((mem, vis), 1)[None, :, None, None, :], float("-inf"))
+    return torch.logsumexp(s, -1).reshape(b, nq, h)
+
+
+def compressed_attention_backward(q: Tensor, ck: Tensor, cv: Tensor, out: Tensor, dout: Tensor, *, num_mem: int,
+                                  stride: int, causal: bool, scale: float, query_offset: int = 0):
+    """(dq, dck, dcv) of ``compressed_attention``'s output in closed form (``dense_attention_backward``),
+    memory rows included in dck, dcv. Causal: row r visible to the query at position p iff
+    r < M + p // stride (memory rows, and the blocks that closed before p)."""
+    nkv = ck.shape[1]
+
+    def visible(i0, i1, j0, j1):
+        pos = torch.arange(i0, i1, device=q.device) + query_offset
+        rows = torch.arange(j0, j1, device=q.device)
+        if not causal:
+            return torch.ones((i1 - i0, j1 - j0), dtype=torch.bool, device=q.device)
+        return rows[None, :] < num_mem + torch.div(pos, stride, rounding_mode="floor")[:, None]
+
+    return dense_attention_backward(q, ck, cv, out, dout, scale, key_range=lambda i0, i1: (0, nkv), visible=visible)
+
+
+# 5. selected attention
+
+
+def selected_attention_lse(q: Tensor, k: Tensor, block_idx: Tensor, block_valid: Tensor,
+                           gates: Optional[Tensor], *, block_size: int, causal: bool, scale: float,
+                           query_offset: int = 0, chunk: int = 256) -> Tensor:
+    """lse (b, n_q, H) fp32 over the keys ``selected_attention`` attends to (gated logits; -inf for a
+    query without keys), chunked over queries. Gathers (chunk x kk * l' x d) keys per head."""
+    b, n, h, d = q.shape
+    nk, kh = k.shape[1], k.shape[2]
+    hs = block_idx.shape[2]
+    lse = torch.empty((b, n, h), device=q.device, dtype=torch.float32)
+    head_to_sel = torch.arange(h, device=q.device) // (h // hs)  # query head -> selection head
+    kv_of_head = torch.arange(h, device=q.device) // (h // kh)
+    offs = torch.arange(block_size, device=q.device)
+    for i0 in range(0, n, chunk):
+        i1 = min(n, i0 + chunk)
+        qi = q[:, i0:i1].float()  # (b, c, H, d)
+        idx = block_idx[:, i0:i1][:, :, head_to_sel].long()  # (b, c, H, kk)
+        ok = block_valid[:, i0:i1][:, :, head_to_sel]
+        g = gates[:, i0:i1][:, :, head_to_sel].float() if gates is not None else torch.ones_like(idx, dtype=torch.float32)
+        keys = idx[..., None] * block_size + offs  # (b, c, H, kk, l')
+        kok = ok[..., None] & (keys < nk)
+        gk = g[..., None].expand_as(keys)
+        if causal:
+            tok = torch.arange(i0, i1, device=q.device) + query_offset
+            own = (tok // block_size)[None, :, None, None] * block_size + offs  # (1, c, 1, l')
+            own = own.expand(b, -1, h, -1)
+            keys = torch.cat([keys.flatten(-2), own], -1)
+            kok = torch.cat([kok.flatten(-2), own <= tok[None, :, None, None]], -1)
+            gk = torch.cat([gk.flatten(-2), torch.ones_like(own, dtype=torch.float32)], -1)
+        else:
+            keys, kok, gk = keys.flatten(-2), kok.flatten(-2), gk.flatten(-2)
+        kc = keys.clamp(0, nk - 1)
+        kf = k.float()
+        bidx = torch.arange(b, device=q.device)[:, None, None, None]
+        kvh = kv_of_head[None, None, :, None]
+        kg = kf[bidx, kc, kvh]  # (b, c, H, m, d)
+        logits = (qi[..., None, :] * kg).sum(-1) * scale * gk
+        logits = logits.masked_fill(~kok, float("-inf"))
+        lse[:, i0:i1] = torch.logsumexp(logits, -1)
+    return lse
+
+
+# 4. importance scores and block selection, fused (what the top-k kernels compute)
+
+
+def select_topk(q: Tensor, ck: Tensor, *, num_mem: int, compress_block_size: int, stride: int,
+                selection_block_size: int, num_selected: int, causal: bool, share: bool, scale: float,
+                interpolated: bool = False, query_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Spec 2 + 4 from q (b, n, H, d) unrotated and ck (b, M + C, K, d): the logits of
+    ``compressed_attention``, ``importance_scores``, ``select_blocks``. Returns (block_idx int64,
+    block_valid, values), each (b, n, Hs, kk), exactly as those steps compute them."""
+    b, n, H, d = q.shape
+    K = ck.shape[2]
+    _, logits = compressed_attention(
+        q, ck, ck, num_mem=num_mem, block_size=compress_block_size, stride=stride, causal=causal, scale=scale,
+        query_offset=query_offset,
+    )
+    imp = importance_scores(logits, groups=H // K, share=share, causal=causal, stride=stride,
+                            query_offset=query_offset)
+    return select_blocks(
+        imp, seq_len=query_offset + n, stride=stride, compress_block_size=compress_block_size,
+        selection_block_size=selection_block_size, num_selected=num_selected, causal=causal,
+        interpolated=interpolated, query_offset=query_offset,
+    )
+
+
+_TOPK_CHUNK = 256
+
+
+def _topk_sizes(q: Tensor, ck: Tensor, num_mem: int, stride: int, selection_block_size: int, share: bool) -> dict:
+    """Sizes of the candidate scores of mappings (a), (b): K, M, R = l' / s, U = C // R, G, Hs."""
+    if selection_mapping(stride, selection_block_size, False) == "c":
+        raise ValueError(f"mappings (a) and (b) only (selection_block_size a multiple of stride "
+                         f"{stride}, >= it), got selection_block_size={selection_block_size}")
+    H, K = q.shape[2], ck.shape[2]
+    R = selection_block_size // stride
+    return dict(K=K, M=num_mem, R=R, U=(ck.shape[1] - num_mem) // R, G=H // K, Hs=K if share else H)
+
+
+def topk_candidate_scores(q: Tensor, ck: Tensor, i0: int, i1: int, *, num_mem: int, stride: int,
+                          selection_block_size: int, causal: bool, share: bool, scale: float,
+                          query_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k kernels' scores, mappings (a) and (b), of the queries [i0, i1) in fp32:
+    (scores (b, c, Hs, U) with invisible candidates -inf, the per-row query (b, c, Hs, d): the mean of
+    the G heads when shared, the per-row candidate keys (b, U, Hs, d): the mean of R compressed keys).
+    The means commute with the dot product, so ``softmax([NULL_LOGIT, scores])`` are ``select_blocks``'
+    probabilities."""
+    sizes = _topk_sizes(q, ck, num_mem, stride, selection_block_size, share)
+    b, n, H, d = q.shape
+    K, M, R, U, G, Hs = (sizes[x] for x in ("K", "M", "R", "U", "G", "Hs"))
+    ckc = ck[:, M:M + U * R].float().reshape(b, U, R, K, d).mean(2)  # (b, U, K, d)
+    kv_of_row = torch.arange(Hs, device=q.device) // (1 if Hs == K else G)
+    ckr = ckc[:, :, kv_of_row]  # (b, U, Hs, d)
+    qi = q[:, i0:i1].float()
+    qr = qi.reshape(b, i1 - i0, K, G, d).mean(3) if Hs == K else qi  # (b, c, Hs, d)
+    s = torch.einsum("bchd,buhd->bchu", qr, ckr) * scale
+    u = torch.arange(U, device=q.device)
+    own = (query_offset + torch.arange(i0, i1, device=q.device)) // selection_block_size
+    if causal:
+        vis = u[None, :] < own[:, None]
+    else:
+        vis = torch.ones((i1 - i0, U), dtype=torch.bool, device=q.device)
+        if R > 1:
+            vis = vis & (u[None, :] != own[:, None])
+    return s.masked_fill(~vis[None, :, None, :], float("-inf")), qr, ckr
+
+
+def select_topk_lse(q: Tensor, ck: Tensor, *, num_mem: int, stride: int, selection_block_size: int, causal: bool,
+                    share: bool, scale: float, query_offset: int = 0) -> Tensor:
+    """(b, n, Hs) fp32 log-sum-exp of [null column, visible candidates] (mappings (a), (b)): the
+    normalizer of the selection probabilities the top-k forward returns beside them."""
+    kw = dict(num_mem=num_mem, stride=stride, selection_block_size=selection_block_size, causal=causal, share=share,
+              scale=scale, query_offset=query_offset)
+    b, n = q.shape[:2]
+    Hs = _topk_sizes(q, ck, num_mem, stride, selection_block_size, share)["Hs"]
+    lse = torch.empty((b, n, Hs), device=q.device, dtype=torch.float32)
+    for i0 in range(0, n, _TOPK_CHUNK):
+        i1 = min(n, i0 + _TOPK_CHUNK)
+        s, _, _ = topk_candidate_scores(q, ck, i0, i1, **kw)
+        s = torch.cat((s.new_full((*s.shape[:-1], 1), NULL_LOGIT), s), -1)
+        lse[:, i0:i1] = torch.logsumexp(s, -1)
+    return lse
+
+
+def select_topk_backward(q: Tensor, ck: Tensor, block_idx: Tensor, grad_values: Tensor, *, num_mem: int,
+                         stride: int, selection_block_size: int, causal: bool, share: bool, scale: float,
+                         query_offset: int = 0) -> tuple[Tensor, Tensor]:
+    """(dq, dck) of sum(grad_values * values) for the selection ``block_idx`` (b, n, Hs, kk), mappings
+    (a) and (b), in closed form (fp32, chunked): with p the candidate probabilities,
+    dscore[u] = p[u] * (gsel[u] - sum_t g_t p[u_t]), then back through the mean query and the mean
+    candidate keys. Memory rows get no gradient; kk = 0 gives zeros."""
+    if block_idx.shape[-1] == 0:
+        return torch.zeros_like(q), torch.zeros_like(ck)
+    kw = dict(num_mem=num_mem, stride=stride, selection_block_size=selection_block_size, causal=causal, share=share,
+              scale=scale, query_offset=query_offset)
+    sizes = _topk_sizes(q, ck, num_mem, stride, selection_block_size, share)
+    b, n, H, d = q.shape
+    K, M, R, U, G, Hs = (sizes[x] for x in ("K", "M", "R", "U", "G", "Hs"))
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dckr = torch.zeros((b, U, Hs, d), device=q.device, dtype=torch.float32)
+    for i0 in range(0, n, _TOPK_CHUNK):
+        i1 = min(n, i0 + _TOPK_CHUNK)
+        s, qr, ckr = topk_candidate_scores(q, ck, i0, i1, **kw)
+        lse = torch.logsumexp(torch.cat((s.new_full((*s.shape[:-1], 1), NULL_LOGIT), s), -1), -1, keepdim=True)
+        p = torch.exp(s - lse)  # (b, c, Hs, U), 0 where invisible
+        g = grad_values[:, i0:i1].float()
+        gsel = torch.zeros_like(p).scatter_add(-1, block_idx[:, i0:i1].long(), g)
+        ds = p * (gsel - (gsel * p).sum(-1, keepdim=True)) * scale
+        dqr = torch.einsum("bchu,buhd->bchd", ds, ckr)
+        if Hs == K:
+            dq[:, i0:i1] = (dqr / G)[:, :, :, None, :].expand(-1, -1, -1, G, -1).reshape(b, i1 - i0, H, d)
+        else:
+            dq[:, i0:i1] = dqr
+        dckr += torch.einsum("bchu,bchd->buhd", ds, qr)
+    dckc = dckr.reshape(b, U, K, Hs // K, d).sum(3) if Hs != K else dckr  # rows -> kv heads
+    dck = torch.zeros(ck.shape, device=ck.device, dtype=torch.float32)
+    dck[:, M:M + U * R] = (dckc / R)[:, :, None].expand(-1, -1, R, -1, -1).reshape(b, U * R, K, d)
+    return dq.to(q.dtype), dck.to(ck.dtype)

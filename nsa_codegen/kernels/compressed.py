@@ -25,8 +25,7 @@ from ..codegen import cache
 from . import FAMILIES
 from ._launch import head_group, no_wrap, report, route
 from .checks import require_bool, require_int, require_scale
-from .dense import (check_attention_tensors, check_launch, check_saved, dense_attention_backward, launch_config,
-                    tuned_launch_config)
+from .dense import check_attention_tensors, check_launch, check_saved, launch_config, tuned_launch_config
 
 # ----------------------------------------------------------------------------------------------------
 # validation (before any launch)
@@ -172,20 +171,6 @@ def _reference(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offs
                                           causal=causal, scale=scale, query_offset=query_offset)
 
 
-def reference_lse(q, ck, num_mem, stride, causal, scale, query_offset=0) -> torch.Tensor:
-    """lse (b, n_q, H) fp32 of the compressed-attention logits (any device; holds (n_q x (M + C)))."""
-    from .. import reference
-
-    b, nq, h, d = q.shape
-    nkv, kh = ck.shape[1], ck.shape[2]
-    s = torch.einsum("bnkgd,bmkd->bnkgm", q.float().reshape(b, nq, kh, h // kh, d), ck.float()) * scale
-    if causal and nkv > num_mem:
-        vis = reference.compressed_visibility(nq, nkv - num_mem, stride, True, q.device, query_offset)
-        mem = torch.ones((nq, num_mem), dtype=torch.bool, device=q.device)
-        s = s.masked_fill(~torch.cat((mem, vis), 1)[None, :, None, None, :], float("-inf"))
-    return torch.logsumexp(s, -1).reshape(b, nq, h)
-
-
 @torch.library.triton_op("nsa::compressed_attention", mutates_args=())
 def _compressed_attention_op(
     q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, num_mem: int, block_size: int, stride: int, causal: bool,
@@ -208,25 +193,22 @@ def _compressed_attention_bwd_op(
 
 @_compressed_attention_op.register_kernel("cpu")
 def _compressed_attention_cpu(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset):
+    from .. import reference
+
     with torch.no_grad():
         out, _ = _reference(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
-        lse = reference_lse(q, ck, num_mem, stride, causal, scale, query_offset)
+        lse = reference.compressed_attention_lse(q, ck, num_mem=num_mem, stride=stride, causal=causal, scale=scale,
+                                                 query_offset=query_offset)
     return out.contiguous(), lse
 
 
 @_compressed_attention_bwd_op.register_kernel("cpu")
 def _compressed_attention_bwd_cpu(q, ck, cv, out, lse, dout, num_mem, block_size, stride, causal, scale,
                                   query_offset):
-    nkv = ck.shape[1]
+    from .. import reference
 
-    def visible(i0, i1, j0, j1):
-        pos = torch.arange(i0, i1, device=q.device) + query_offset
-        rows = torch.arange(j0, j1, device=q.device)
-        if not causal:
-            return torch.ones((i1 - i0, j1 - j0), dtype=torch.bool, device=q.device)
-        return rows[None, :] < num_mem + torch.div(pos, stride, rounding_mode="floor")[:, None]
-
-    return dense_attention_backward(q, ck, cv, out, dout, scale, key_range=lambda i0, i1: (0, nkv), visible=visible)
+    return reference.compressed_attention_backward(q, ck, cv, out, dout, num_mem=num_mem, stride=stride,
+                                                   causal=causal, scale=scale, query_offset=query_offset)
 
 
 def _setup_context(ctx, inputs, output):
@@ -250,28 +232,13 @@ _compressed_attention_op.register_autograd(_backward, setup_context=_setup_conte
 # public
 
 
-def compressed_logits(q, ck, *, num_mem, stride, causal, scale, query_offset=0) -> torch.Tensor:
-    """The reference's second output in plain torch (differentiable): (b, n_q, H, C) scaled logits of the
-    non-memory columns, invisible entries NEG / 10. Holds an (n_q x C) tensor per head."""
-    from .. import reference
-
-    b, nq, h, d = q.shape
-    nkv, kh = ck.shape[1], ck.shape[2]
-    c = nkv - num_mem
-    s = torch.einsum("bnkgd,bmkd->bnkgm", q.reshape(b, nq, kh, h // kh, d), ck[:, num_mem:]) * scale
-    if causal and c > 0:
-        vis = reference.compressed_visibility(nq, c, stride, True, q.device, query_offset)
-        s = s.masked_fill(~vis[None, :, None, None, :], reference.masked_value(s.dtype))
-    return s.reshape(b, nq, h, c)
-
-
 def compressed_attention(q, ck, cv, *, num_mem, block_size, stride, causal, scale, query_offset=0,
                          return_logits=True, use_kernels=True, paths=None):
     """Compressed attention (nsa-spec section 2); returns (out, logits) like `reference.compressed_attention`:
     out (b, n_q, H, d), logits (b, n_q, H, C) (None when `return_logits=False`).
 
     CUDA (and `use_kernels`): out from `torch.ops.nsa.compressed_attention` on the generated Triton kernels
-    (differentiable in q, ck, cv); the logits, only when asked for, from `compressed_logits` in torch.
+    (differentiable in q, ck, cv); the logits, only when asked for, from `reference.compressed_logits`.
     Elsewhere: the reference. The path taken is recorded in `paths["compressed"]` when a dict is given.
     """
     check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
@@ -285,6 +252,8 @@ def compressed_attention(q, ck, cv, *, num_mem, block_size, stride, causal, scal
                                                 bool(causal), float(scale), int(query_offset))
     logits = None
     if return_logits:
-        logits = compressed_logits(q, ck, num_mem=num_mem, stride=stride, causal=causal, scale=scale,
-                                   query_offset=query_offset)
+        from .. import reference
+
+        logits = reference.compressed_logits(q, ck, num_mem=num_mem, stride=stride, causal=causal, scale=scale,
+                                             query_offset=query_offset)
     return out, logits

@@ -84,36 +84,3 @@ def check_saved(q, out, lse, dout) -> None:
     if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
 
-
-def dense_attention_backward(q, k, v, out, dout, scale, key_range, visible, chunk=128):
-    """Attention gradients in plain torch without autograd (usable inside a custom op's CPU kernel,
-    where autograd does not record), chunked over queries. key_range(i0, i1) -> (j0, j1);
-    visible(i0, i1, j0, j1) -> (i1 - i0, j1 - j0) bool. Returns (dq, dk, dv) in the inputs' dtypes."""
-    b, nq, h, d = q.shape
-    kh = k.shape[2]
-    g = h // kh
-    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    for i0 in range(0, nq, chunk):
-        i1 = min(nq, i0 + chunk)
-        j0, j1 = key_range(i0, i1)
-        if j1 <= j0:
-            continue
-        c = i1 - i0
-        qi = q[:, i0:i1].float().reshape(b, c, kh, g, d)
-        doi = dout[:, i0:i1].float().reshape(b, c, kh, g, d)
-        oi = out[:, i0:i1].float().reshape(b, c, kh, g, d)
-        kj, vj = k[:, j0:j1].float(), v[:, j0:j1].float()
-        s = torch.einsum("bnkgd,bmkd->bnkgm", qi, kj) * scale
-        s = s.masked_fill(~visible(i0, i1, j0, j1)[None, :, None, None, :], float("-inf"))
-        lse = torch.logsumexp(s, -1, keepdim=True)
-        p = torch.exp(s - lse.nan_to_num(posinf=0.0, neginf=0.0)).nan_to_num(0.0)  # rows without keys: 0
-        dp = torch.einsum("bnkgd,bmkd->bnkgm", doi, vj)
-        ds = p * (dp - (doi * oi).sum(-1, keepdim=True))
-        dq[:, i0:i1] = (torch.einsum("bnkgm,bmkd->bnkgd", ds, kj) * scale).reshape(b, c, h, d)
-        dk[:, j0:j1] += torch.einsum("bnkgm,bnkgd->bmkd", ds, qi) * scale
-        dv[:, j0:j1] += torch.einsum("bnkgm,bnkgd->bmkd", p, doi)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-

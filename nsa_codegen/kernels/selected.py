@@ -307,49 +307,6 @@ selected_attention_launch = selected_attention_fwd_launch
 # torch.library: nsa::selected_attention (+ its backward op)
 
 
-def _reference_lse(q, k, v, block_idx, block_valid, gates, block_size, causal, scale):
-    """(out, lse) on any device through the reference (out) and a chunked logsumexp over the same keys."""
-    from .. import reference
-
-    out = reference.selected_attention(q, k, v, block_idx, block_valid, gates, block_size=block_size,
-                                       causal=causal, scale=scale)
-    b, n, h, d = q.shape
-    kh = k.shape[2]
-    hs, kk = block_idx.shape[2], block_idx.shape[3]
-    lse = torch.empty((b, n, h), device=q.device, dtype=torch.float32)
-    head_to_sel = torch.arange(h, device=q.device) // (h // hs)  # query head -> selection head
-    kv_of_head = torch.arange(h, device=q.device) // (h // kh)
-    offs = torch.arange(block_size, device=q.device)
-    chunk = 256
-    for i0 in range(0, n, chunk):
-        i1 = min(n, i0 + chunk)
-        qi = q[:, i0:i1].float()  # (b, c, H, d)
-        idx = block_idx[:, i0:i1][:, :, head_to_sel].long()  # (b, c, H, kk)
-        ok = block_valid[:, i0:i1][:, :, head_to_sel]
-        g = gates[:, i0:i1][:, :, head_to_sel].float() if gates is not None else torch.ones_like(idx, dtype=torch.float32)
-        keys = idx[..., None] * block_size + offs  # (b, c, H, kk, l')
-        kok = ok[..., None] & (keys < n)
-        gk = g[..., None].expand_as(keys)
-        if causal:
-            tok = torch.arange(i0, i1, device=q.device)
-            own = (tok // block_size)[None, :, None, None] * block_size + offs  # (1, c, 1, l')
-            own = own.expand(b, -1, h, -1)
-            keys = torch.cat([keys.flatten(-2), own], -1)
-            kok = torch.cat([kok.flatten(-2), own <= tok[None, :, None, None]], -1)
-            gk = torch.cat([gk.flatten(-2), torch.ones_like(own, dtype=torch.float32)], -1)
-        else:
-            keys, kok, gk = keys.flatten(-2), kok.flatten(-2), gk.flatten(-2)
-        kc = keys.clamp(0, n - 1)
-        kf = k.float()
-        bidx = torch.arange(b, device=q.device)[:, None, None, None]
-        kvh = kv_of_head[None, None, :, None]
-        kg = kf[bidx, kc, kvh]  # (b, c, H, m, d)
-        logits = (qi[..., None, :] * kg).sum(-1) * scale * gk
-        logits = logits.masked_fill(~kok, float("-inf"))
-        lse[:, i0:i1] = torch.logsumexp(logits, -1)
-    return out, lse
-
-
 @torch.library.triton_op("nsa::selected_attention", mutates_args=())
 def _selected_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, block_valid: torch.Tensor,
@@ -373,8 +330,12 @@ def _selected_attention_bwd_op(
 
 @_selected_attention_op.register_kernel("cpu")
 def _selected_attention_cpu(q, k, v, block_idx, block_valid, gates, block_size, causal, scale):
+    from .. import reference
+
+    kw = dict(block_size=block_size, causal=causal, scale=scale)
     with torch.no_grad():
-        out, lse = _reference_lse(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
+        out = reference.selected_attention(q, k, v, block_idx, block_valid, gates, **kw)
+        lse = reference.selected_attention_lse(q, k, block_idx, block_valid, gates, **kw)
     return out.contiguous(), lse
 
 

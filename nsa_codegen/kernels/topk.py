@@ -243,95 +243,6 @@ def select_topk_launch(q, ck, *, num_mem, compress_block_size, stride, selection
 
 
 # ----------------------------------------------------------------------------------------------------
-# reference path (CPU kernel of the op, and mapping (c) everywhere)
-
-
-def reference_select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_size, num_selected,
-                          causal, share, scale, interpolated=False, query_offset=0):
-    """The oracle: reference.compressed_attention logits + importance_scores + select_blocks.
-    Returns (block_idx int64, block_valid, values) exactly as the reference computes them."""
-    from .. import reference
-
-    b, n, H, d = q.shape
-    K = ck.shape[2]
-    _, logits = reference.compressed_attention(
-        q, ck, ck, num_mem=num_mem, block_size=compress_block_size, stride=stride, causal=causal, scale=scale,
-        query_offset=query_offset,
-    )
-    imp = reference.importance_scores(logits, groups=H // K, share=share, causal=causal, stride=stride,
-                                      query_offset=query_offset)
-    return reference.select_blocks(
-        imp, seq_len=query_offset + n, stride=stride, compress_block_size=compress_block_size,
-        selection_block_size=selection_block_size, num_selected=num_selected, causal=causal,
-        interpolated=interpolated, query_offset=query_offset,
-    )
-
-
-def _candidate_scores(q, ck, info, i0, i1, selection_block_size, causal, scale, query_offset):
-    """fp32 candidate scores of queries [i0, i1) for mappings (a), (b): (b, c, Hs, U), invisible -inf, plus
-    the per-row mean query (b, c, Hs, d) and the per-row mean candidate keys (b, U, Hs, d)."""
-    b, n, H, d = q.shape
-    K, M, R, U, G, Hs = info["K"], info["M"], info["R"], info["U"], info["G"], info["Hs"]
-    ckc = ck[:, M:M + U * R].float().reshape(b, U, R, K, d).mean(2)  # (b, U, K, d)
-    kv_of_row = torch.arange(Hs, device=q.device) // (1 if Hs == K else G)
-    ckr = ckc[:, :, kv_of_row]  # (b, U, Hs, d)
-    qi = q[:, i0:i1].float()
-    qr = qi.reshape(b, i1 - i0, K, G, d).mean(3) if Hs == K else qi  # (b, c, Hs, d)
-    s = torch.einsum("bchd,buhd->bchu", qr, ckr) * scale
-    u = torch.arange(U, device=q.device)
-    own = (query_offset + torch.arange(i0, i1, device=q.device)) // selection_block_size
-    if causal:
-        vis = u[None, :] < own[:, None]
-    else:
-        vis = torch.ones((i1 - i0, U), dtype=torch.bool, device=q.device)
-        if R > 1:
-            vis = vis & (u[None, :] != own[:, None])
-    return s.masked_fill(~vis[None, :, None, :], float("-inf")), qr, ckr
-
-
-_CHUNK = 256
-
-
-def _reference_lse(q, ck, info, selection_block_size, causal, scale, query_offset):
-    """(b, n, Hs) fp32 log-sum-exp of [null column, visible candidates] (mappings (a), (b)), chunked."""
-    b, n = q.shape[:2]
-    lse = torch.empty((b, n, info["Hs"]), device=q.device, dtype=torch.float32)
-    for i0 in range(0, n, _CHUNK):
-        i1 = min(n, i0 + _CHUNK)
-        s, _, _ = _candidate_scores(q, ck, info, i0, i1, selection_block_size, causal, scale, query_offset)
-        s = torch.cat((s.new_full((*s.shape[:-1], 1), -1000.0), s), -1)
-        lse[:, i0:i1] = torch.logsumexp(s, -1)
-    return lse
-
-
-def _reference_backward(q, ck, block_idx, grad_values, info, selection_block_size, causal, scale, query_offset):
-    """(dq, dck) of sum(grad_values * values) in closed form (fp32, chunked; the op's CPU backward):
-    dcand[u] = p[u] * (gsel[u] - sum_t g_t p[u_t]), then through the mean query / mean candidate keys."""
-    b, n, H, d = q.shape
-    K, M, R, U, G, Hs = info["K"], info["M"], info["R"], info["U"], info["G"], info["Hs"]
-    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dckr = torch.zeros((b, U, Hs, d), device=q.device, dtype=torch.float32)
-    for i0 in range(0, n, _CHUNK):
-        i1 = min(n, i0 + _CHUNK)
-        s, qr, ckr = _candidate_scores(q, ck, info, i0, i1, selection_block_size, causal, scale, query_offset)
-        lse = torch.logsumexp(torch.cat((s.new_full((*s.shape[:-1], 1), -1000.0), s), -1), -1, keepdim=True)
-        p = torch.exp(s - lse)  # (b, c, Hs, U), 0 where invisible
-        g = grad_values[:, i0:i1].float()
-        gsel = torch.zeros_like(p).scatter_add(-1, block_idx[:, i0:i1].long(), g)
-        ds = p * (gsel - (gsel * p).sum(-1, keepdim=True)) * scale
-        dqr = torch.einsum("bchu,buhd->bchd", ds, ckr)
-        if Hs == K:
-            dq[:, i0:i1] = (dqr / G)[:, :, :, None, :].expand(-1, -1, -1, G, -1).reshape(b, i1 - i0, H, d)
-        else:
-            dq[:, i0:i1] = dqr
-        dckr += torch.einsum("bchu,bchd->buhd", ds, qr)
-    dckc = dckr.reshape(b, U, K, Hs // K, d).sum(3) if Hs != K else dckr  # rows -> kv heads
-    dck = torch.zeros(ck.shape, device=ck.device, dtype=torch.float32)
-    dck[:, M:M + U * R] = (dckc / R)[:, :, None].expand(-1, -1, R, -1, -1).reshape(b, U * R, K, d)
-    return dq.to(q.dtype), dck.to(ck.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
 # torch.library: nsa::select_topk (+ its backward op)
 
 
@@ -372,25 +283,28 @@ def _select_topk_bwd_op(
 @_select_topk_op.register_kernel("cpu")
 def _select_topk_cpu(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
                      share, scale, query_offset):
-    info = selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, False, query_offset)
+    from .. import reference
+
     with torch.no_grad():
-        idx, valid, val = reference_select_topk(
+        idx, valid, val = reference.select_topk(
             q, ck, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
             selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
             scale=scale, query_offset=query_offset)
-        lse = _reference_lse(q, ck, info, selection_block_size, causal, scale, query_offset)
+        lse = reference.select_topk_lse(q, ck, num_mem=num_mem, stride=stride,
+                                        selection_block_size=selection_block_size, causal=causal, share=share,
+                                        scale=scale, query_offset=query_offset)
     return val.float().contiguous(), lse, idx.to(torch.int32).contiguous(), valid.contiguous()
 
 
 @_select_topk_bwd_op.register_kernel("cpu")
 def _select_topk_bwd_cpu(q, ck, block_idx, values, lse, grad_values, num_mem, compress_block_size, stride,
                          selection_block_size, num_selected, causal, share, scale, query_offset):
+    from .. import reference
+
     # closed form (autograd cannot record below the op's Autograd key)
-    info = selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, False, query_offset)
-    if info["kk"] == 0:
-        return torch.zeros_like(q), torch.zeros_like(ck)
-    return _reference_backward(q, ck, block_idx, grad_values, info, selection_block_size, causal, scale,
-                               query_offset)
+    return reference.select_topk_backward(q, ck, block_idx, grad_values, num_mem=num_mem, stride=stride,
+                                          selection_block_size=selection_block_size, causal=causal, share=share,
+                                          scale=scale, query_offset=query_offset)
 
 
 def _setup_context(ctx, inputs, output):
@@ -434,7 +348,9 @@ def select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_
     path = route(q, use_kernels) if info["mapping"] != "c" else "reference"
     report(paths, "topk", path)
     if path == "reference":
-        idx, valid, val = reference_select_topk(
+        from .. import reference
+
+        idx, valid, val = reference.select_topk(
             q, ck, num_mem=num_mem, compress_block_size=compress_block_size, stride=stride,
             selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
             scale=scale, interpolated=interpolated, query_offset=query_offset)

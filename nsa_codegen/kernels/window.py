@@ -25,7 +25,7 @@ from . import FAMILIES
 from ._launch import head_group, no_wrap, report, route
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE  # noqa: F401
 from .checks import require_bool, require_int, require_scale
-from .dense import check_attention_tensors, check_launch, check_saved, dense_attention_backward, launch_config
+from .dense import check_attention_tensors, check_launch, check_saved, launch_config
 
 
 def check_inputs(q, k, v, window, causal, scale, query_offset=0) -> None:
@@ -118,40 +118,6 @@ def sliding_window_bwd_launch(q, k, v, out, lse, dout, *, window, causal, scale,
 # torch.library: nsa::sliding_window_attention (+ its backward op)
 
 
-def _window_keys(i0, i1, nk, window, causal, query_offset):
-    """Key range [j0, j1) of the queries [i0, i1) (local indices) and the chunk's (i, j) visibility."""
-    j0 = max(0, i0 + query_offset - window)
-    j1 = min(nk, i1 + query_offset + (0 if causal else window))
-    return j0, j1
-
-
-def _window_visible(i0, i1, j0, j1, window, causal, query_offset, device):
-    pos = torch.arange(i0, i1, device=device) + query_offset
-    keys = torch.arange(j0, j1, device=device)
-    upper = pos[:, None] if causal else pos[:, None] + window
-    return (keys[None, :] >= pos[:, None] - window) & (keys[None, :] <= upper)
-
-
-def reference_lse(q, k, window, causal, scale, query_offset=0, chunk=128):
-    """lse (b, n_q, H) fp32 of the window logits, chunked over queries (any device)."""
-    b, nq, h, d = q.shape
-    nk, kh = k.shape[1], k.shape[2]
-    g = h // kh
-    lse = torch.empty((b, nq, h), device=q.device, dtype=torch.float32)
-    for i0 in range(0, nq, chunk):
-        i1 = min(nq, i0 + chunk)
-        j0, j1 = _window_keys(i0, i1, nk, window, causal, query_offset)
-        if j1 <= j0:
-            lse[:, i0:i1] = float("-inf")
-            continue
-        vis = _window_visible(i0, i1, j0, j1, window, causal, query_offset, q.device)
-        qi = q[:, i0:i1].float().reshape(b, i1 - i0, kh, g, d)
-        s = torch.einsum("bnkgd,bmkd->bnkgm", qi, k[:, j0:j1].float()) * scale
-        s = s.masked_fill(~vis[None, :, None, None, :], float("-inf"))
-        lse[:, i0:i1] = torch.logsumexp(s, -1).reshape(b, i1 - i0, h)
-    return lse
-
-
 @torch.library.triton_op("nsa::sliding_window_attention", mutates_args=())
 def _sliding_window_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool, scale: float, query_offset: int,
@@ -175,21 +141,19 @@ def _sliding_window_bwd_op(
 def _sliding_window_cpu(q, k, v, window, causal, scale, query_offset):
     from .. import reference
 
+    kw = dict(window=window, causal=causal, scale=scale, query_offset=query_offset)
     with torch.no_grad():
-        out = reference.sliding_window_attention(q, k, v, window=window, causal=causal, scale=scale,
-                                                 query_offset=query_offset)
-        lse = reference_lse(q, k, window, causal, scale, query_offset)
+        out = reference.sliding_window_attention(q, k, v, **kw)
+        lse = reference.sliding_window_lse(q, k, **kw)
     return out.contiguous(), lse
 
 
 @_sliding_window_bwd_op.register_kernel("cpu")
 def _sliding_window_bwd_cpu(q, k, v, out, lse, dout, window, causal, scale, query_offset):
-    nk = k.shape[1]
-    return dense_attention_backward(
-        q, k, v, out, dout, scale,
-        key_range=lambda i0, i1: _window_keys(i0, i1, nk, window, causal, query_offset),
-        visible=lambda i0, i1, j0, j1: _window_visible(i0, i1, j0, j1, window, causal, query_offset, q.device),
-    )
+    from .. import reference
+
+    return reference.sliding_window_backward(q, k, v, out, dout, window=window, causal=causal, scale=scale,
+                                             query_offset=query_offset)
 
 
 def _setup_context(ctx, inputs, output):
