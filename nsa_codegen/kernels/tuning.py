@@ -28,6 +28,7 @@ the selection logic runs on CPU with a fake timer.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
