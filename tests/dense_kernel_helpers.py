@@ -1,15 +1,14 @@
 """Helpers shared by the dense-tile kernel tests (sliding window: test_window_kernels.py, compressed
-attention: test_compressed_kernels.py): the numerics rule, strided inputs, NaN-poisoned outputs and the
-GPU lane's error report."""
+attention: test_compressed_kernels.py): strided inputs, the exact-delta check of the backward and the
+GPU lane's error report. The numerics rule and the poison fixture are in conftest.py."""
 from __future__ import annotations
 
 import json
 import os
 
-import pytest
 import torch
 
-from nsa_codegen.kernels import window as ops_window
+from conftest import assert_numerics
 
 
 def gpu_report(record: dict) -> None:
@@ -19,36 +18,6 @@ def gpu_report(record: dict) -> None:
     if root:
         with open(os.path.join(root, "dense_kernels_gpu.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def assert_close(name, got, ref32, ref_low, dtype):
-    """design.md: fp32 -> max|got - ref32| <= 1e-4 relative (unit floor); else
-    <= 2 * max|ref_low - ref32| + 1e-5. Prints the worst mismatch on failure."""
-    got, ref32 = got.float(), ref32.float()
-    assert not torch.isnan(got).any(), f"{name}: NaN in the output (an element left unwritten?)"
-    diff = (got - ref32).abs()
-    err = diff.max().item() if diff.numel() else 0.0
-    if dtype == torch.float32:
-        tol = 1e-4 * max(ref32.abs().max().item() if ref32.numel() else 0.0, 1.0)
-    else:
-        tol = 2 * (ref_low.float() - ref32).abs().max().item() + 1e-5
-    if err > tol:
-        idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
-        raise AssertionError(
-            f"{name}: max err {err:.3e} > tol {tol:.3e} at {idx}: got {got[idx].item():.6g}, ref {ref32[idx].item():.6g}"
-        )
-    return err
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every kernel output starts as NaN, so an element the kernels skip shows up (both families
-    allocate through ops_window.alloc_output)."""
-
-    def alloc(shape, device, dtype):
-        return torch.full(tuple(shape), float("nan"), device=device, dtype=dtype)
-
-    monkeypatch.setattr(ops_window, "alloc_output", alloc)
 
 
 def make_inputs(b, nq, nk, H, K, d, dtype, device, seed):
@@ -71,7 +40,7 @@ def assert_backward_uses_exact_delta(fwd_launch, bwd_launch, q, k, v, dout, ref_
     wrong = out * (1 + 0.01 * torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
     grads = bwd_launch(q, k, v, wrong, lse, dout, **kw)
     for name, got, ref in zip(names, grads, ref_grads):
-        assert_close(name, got, ref, ref, torch.float32)
+        assert_numerics(name, got, ref)
     dk = grads[1]
     row_sum = dk.sum(1).abs().max().item()
     assert row_sum <= 1e-5 * dk.abs().sum(1).max().item(), row_sum

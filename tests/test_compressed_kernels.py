@@ -1,7 +1,7 @@
-"""Compressed-attention kernels (templates/cmp_{fwd,bwd}.py.j2, nsa_codegen/ops_compressed.py).
+"""Compressed-attention kernels (templates/cmp_{fwd,bwd}.py.j2, nsa_codegen/kernels/compressed.py).
 
 Interpreter lane (CPU, TRITON_INTERPRET=1, fp32 + fp16, small shapes): forward, lse and the gradients
-of q, ck and cv (memory rows included) against nsa_codegen.reference under design.md's numerics rule,
+of q, ck and cv (memory rows included) against nsa_codegen.reference under the numerics rule (conftest.py),
 outputs poisoned with NaN before the launch and checked written; strided inputs; strides l and l/2;
 M in {1, 2}; query offsets; validation errors; the torch.library op's CPU path. GPU lane
 (`pytest -m gpu`, bf16 + fp16 on CUDA): the same comparison at d 64 / 128 and n up to 4096, `opcheck`,
@@ -10,25 +10,13 @@ set, the GPU lane appends its errors to dense_kernels_gpu.jsonl there.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated kernel is imported
-
-from nsa_codegen import reference  # noqa: E402
-from nsa_codegen.kernels import compressed as ops_compressed  # noqa: E402
-from nsa_codegen.kernels import window as ops_window  # noqa: E402
-from dense_kernel_helpers import (  # noqa: E402,F401
-    assert_backward_uses_exact_delta, assert_close, gpu_report, make_inputs, poison,
-)
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-interpreter = pytest.mark.skipif(not INTERPRET, reason="interpreter lane (TRITON_INTERPRET=1, CPU)")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from conftest import assert_numerics, interpreter_lane as interpreter, needs_cuda
+from dense_kernel_helpers import assert_backward_uses_exact_delta, gpu_report, make_inputs
+from nsa_codegen import reference
+from nsa_codegen.kernels import compressed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -48,15 +36,16 @@ def run_and_compare(b, nq, H, K, d, num_mem, block_size, stride, causal, dtype, 
     q, ck, cv, dout = make_inputs(b, nq, rows, H, K, d, dtype, device, seed)
     scale = d ** -0.5
     kw = dict(num_mem=num_mem, block_size=block_size, stride=stride, causal=causal, scale=scale, query_offset=offset)
-    out, lse = ops_compressed.compressed_attention_fwd_launch(q, ck, cv, config=config, **kw)
-    dq, dck, dcv = ops_compressed.compressed_attention_bwd_launch(q, ck, cv, out, lse, dout, config=config, **kw)
+    out, lse = compressed.compressed_attention_fwd_launch(q, ck, cv, config=config, **kw)
+    dq, dck, dcv = compressed.compressed_attention_bwd_launch(q, ck, cv, out, lse, dout, config=config, **kw)
     ref32 = reference_grads(q, ck, cv, dout, torch.float32, **kw)
     low = reference_grads(q, ck, cv, dout, dtype, **kw) if dtype != torch.float32 else ref32
     errs = {}
     for name, got, r32, rlow in zip(("out", "dq", "dck", "dcv"), (out, dq, dck, dcv), ref32, low):
-        assert got.dtype == dtype and got.shape == r32.shape
-        errs[name] = assert_close(name, got, r32, rlow, dtype)
-    lse_ref = ops_compressed.reference_lse(q.float(), ck.float(), num_mem, stride, causal, scale, offset)
+        assert got.dtype == dtype
+        errs[name] = assert_numerics(name, got, r32, None if dtype == torch.float32 else rlow)[0]
+    lse_ref = reference.compressed_attention_lse(q.float(), ck.float(), num_mem=num_mem, stride=stride,
+                                                 causal=causal, scale=scale, query_offset=offset)
     assert torch.isfinite(lse).all(), "lse: NaN / inf (an element left unwritten?)"
     assert (lse - lse_ref).abs().max().item() <= 1e-3
     return errs
@@ -116,8 +105,8 @@ def test_cmp_fp16(group, block_size, stride, num_mem, causal):
 @pytest.mark.parametrize("tokens", [1, 3, 4, 16])
 def test_cmp_dkdv_chunks_cover_the_queries(nq, tokens):
     """The dkdv query chunks tile [0, nq) exactly on the kernel's token grid, at most DKDV_MAX_CHUNKS."""
-    chunks, per = ops_compressed.dkdv_chunks(nq, tokens)
-    assert 1 <= chunks <= ops_compressed.DKDV_MAX_CHUNKS and per % tokens == 0
+    chunks, per = compressed.dkdv_chunks(nq, tokens)
+    assert 1 <= chunks <= compressed.DKDV_MAX_CHUNKS and per % tokens == 0
     assert (chunks - 1) * per < nq <= chunks * per
 
 
@@ -129,9 +118,9 @@ def test_cmp_dkdv_chunks_add_no_guard_on_a_symbolic_length():
 
     env = ShapeEnv()
     nq = env.create_symintnode(env.create_symbol(3000, source=ConstantSource("nq")), hint=3000)
-    chunks, per = ops_compressed.dkdv_chunks(nq, 5)
+    chunks, per = compressed.dkdv_chunks(nq, 5)
     assert isinstance(chunks, torch.SymInt) and isinstance(per, torch.SymInt)
-    assert (int(chunks.node.hint), int(per.node.hint)) == ops_compressed.dkdv_chunks(3000, 5)
+    assert (int(chunks.node.hint), int(per.node.hint)) == compressed.dkdv_chunks(3000, 5)
     assert not env.guards, [str(g.expr) for g in env.guards]
 
 
@@ -143,9 +132,9 @@ def test_cmp_dkdv_query_chunks(group, causal, monkeypatch):
     """dkdv_kernel split over query chunks (fp32 partial sums in a poisoned workspace, summed by the
     launcher): with 8-token chunks at n = 77, chunk edges fall inside both the masked and the unmasked
     query ranges of the key tiles; gradients as the reference."""
-    monkeypatch.setattr(ops_compressed, "DKDV_MIN_CHUNK", 8)
+    monkeypatch.setattr(compressed, "DKDV_MIN_CHUNK", 8)
     config = config_for(group, 16)
-    assert ops_compressed.dkdv_chunks(77, 16 // group)[0] >= 5
+    assert compressed.dkdv_chunks(77, 16 // group)[0] >= 5
     run_and_compare(1, 77, group * 2, 2, 32, 2, 4, 2, causal, torch.float32, config=config, seed=300 + group)
 
 
@@ -175,7 +164,7 @@ def test_cmp_backward_uses_exact_delta(group, causal):
     q, ck, cv, dout = make_inputs(b, n, M + n // s, H, K, d, torch.float32, "cpu", 300 + group)
     kw = dict(num_mem=M, block_size=s, stride=s, causal=causal, scale=d ** -0.5)
     assert_backward_uses_exact_delta(
-        ops_compressed.compressed_attention_fwd_launch, ops_compressed.compressed_attention_bwd_launch,
+        compressed.compressed_attention_fwd_launch, compressed.compressed_attention_bwd_launch,
         q, ck, cv, dout, reference_grads(q, ck, cv, dout, torch.float32, **kw)[1:], ("dq", "dck", "dcv"),
         config=config_for(group, 16 * group), **kw)
 
@@ -191,14 +180,15 @@ def test_cmp_op_cpu_path_is_the_reference():
     torch.testing.assert_close(out, ref[0])
     for got, r in zip((q.grad, ck.grad, cv.grad), ref[1:]):
         torch.testing.assert_close(got, r)
-    torch.testing.assert_close(lse, ops_compressed.reference_lse(q.detach(), ck.detach(), 1, 2, True, 0.25))
-    public, logits = ops_compressed.compressed_attention(q, ck, cv, **kw)
+    torch.testing.assert_close(lse, reference.compressed_attention_lse(q.detach(), ck.detach(), num_mem=1, stride=2,
+                                                                       causal=True, scale=0.25))
+    public, logits = compressed.compressed_attention(q, ck, cv, **kw)
     ref_out, ref_logits = reference.compressed_attention(q, ck, cv, **kw)
     torch.testing.assert_close(public, ref_out)
     torch.testing.assert_close(logits, ref_logits)
-    torch.testing.assert_close(ops_compressed.compressed_logits(q, ck, num_mem=1, stride=2, causal=True, scale=0.25),
+    torch.testing.assert_close(reference.compressed_logits(q, ck, num_mem=1, stride=2, causal=True, scale=0.25),
                                ref_logits)
-    assert ops_compressed.compressed_attention(q, ck, cv, **kw, return_logits=False)[1] is None
+    assert compressed.compressed_attention(q, ck, cv, **kw, return_logits=False)[1] is None
 
 
 def _valid_args(d=16, dtype=torch.float16):
@@ -237,9 +227,9 @@ def _bad_args():
 @pytest.mark.parametrize("args, word", _bad_args())
 def test_cmp_validation_errors(args, word):
     with pytest.raises((ValueError, TypeError), match=word):
-        ops_compressed.compressed_attention_fwd_launch(**args)
+        compressed.compressed_attention_fwd_launch(**args)
     with pytest.raises((ValueError, TypeError), match=word):
-        ops_compressed.compressed_attention(**args)
+        compressed.compressed_attention(**args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,7 +271,7 @@ def test_gpu_cmp_compile_matches_eager(causal):
     (q, ck, cv), dout = _gpu_inputs()
 
     def f(q, ck, cv):
-        out, _ = ops_compressed.compressed_attention(q, ck, cv, num_mem=2, block_size=16, stride=8, causal=causal,
+        out, _ = compressed.compressed_attention(q, ck, cv, num_mem=2, block_size=16, stride=8, causal=causal,
                                                      scale=0.125, return_logits=False)
         return out
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from nsa_codegen import SparseAttention
+from conftest import interpreter_lane
+from nsa_codegen import SparseAttention, reference
 
 COMPRESSION_PARAMS = ("k_compress.", "v_compress.", "k_intrablock_positions", "v_intrablock_positions")
 
@@ -147,13 +148,149 @@ def test_empty_sequence():
     assert out.shape == (2, 0, 64)
 
 
-def test_last_paths_cpu_is_reference():
+@pytest.mark.parametrize("use_triton_kernel", (True, False))
+def test_last_paths_cpu_is_reference(use_triton_kernel):
     attn = SparseAttention(dim=64, dim_head=16, heads=4, sliding_window_size=2,
                            compress_block_size=4, selection_block_size=4, num_selected_blocks=2,
-                           use_triton_kernel=True, causal=True)
+                           use_triton_kernel=use_triton_kernel, causal=True)
     attn(torch.randn(1, 20, 64))
-    assert {"compressed", "selected", "sliding"} <= attn.last_paths.keys()
-    assert set(attn.last_paths.values()) == {"reference"}, attn.last_paths
+    assert attn.last_paths == dict.fromkeys(("compressed", "topk", "selected", "sliding"), "reference")
+    attn.num_selected_blocks = 0  # no selection to make: the top-k is not called
+    attn(torch.randn(1, 20, 64))
+    assert attn.last_paths["topk"] == "none" and attn.last_paths["selected"] == "reference"
+
+
+# --------------------------------------------------------------------------------------------------
+# the module against the functional reference (reference.nsa_attention on the module's parameters)
+
+
+@torch.no_grad()
+def randomize_zero_init(attn: SparseAttention, seed: int = 0):
+    """Memory rows, intra-block positions and the combine gate start at zero: randomize them so that
+    every branch reaches the output."""
+    gen = torch.Generator().manual_seed(seed)
+    for p, std in ((attn.compress_mem_kv, 1.0), (attn.k_intrablock_positions, 0.5),
+                   (attn.v_intrablock_positions, 0.5), (attn.to_strategy_combine[0].weight, 0.3),
+                   (attn.to_strategy_combine[0].bias, 1.0)):
+        p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def functional_reference(attn: SparseAttention, x: torch.Tensor):
+    """(out, parts, v) of reference.nsa_attention on the module's projections and parameters."""
+    b, n, _ = x.shape
+    H, K, d = attn.heads, attn.kv_heads, attn.dim_head
+    l, s = attn.compress_block_size, attn.compress_block_sliding_stride
+    hx = attn.norm(x)
+    q, k, v = attn.to_qkv(hx).split(attn.qkv_split, dim=-1)
+    q, k, v = q.reshape(b, n, H, d), k.reshape(b, n, K, d), v.reshape(b, n, K, d)
+    ck = reference.compress(k, attn.k_intrablock_positions, attn.k_compress, l, s)
+    cv = reference.compress(v, attn.v_intrablock_positions, attn.v_compress, l, s)
+    ck, cv = reference.prepend_memory(ck, cv, attn.compress_mem_kv)
+    o, parts = reference.nsa_attention(
+        q, k, v, ck, cv, attn.to_strategy_combine[0](hx), freqs=attn.rotary_emb.freqs,
+        num_mem=attn.num_mem_compress_kv, compress_block_size=l, stride=s,
+        selection_block_size=attn.selection_block_size, num_selected=attn.num_selected_blocks,
+        window=attn.sliding_window_size, causal=attn.causal, scale=attn.scale,
+        share=attn.query_heads_share_selected_kv, interpolated=attn.interpolated_importance_score,
+        use_diff_topk=attn.use_diff_topk, return_parts=True)
+    return attn.combine_heads(o.reshape(b, n, H * d)), parts, v
+
+
+def assert_module_matches(attn: SparseAttention, x: torch.Tensor, want_out: torch.Tensor, want_grads: dict,
+                          grad_out: torch.Tensor):
+    x = x.detach().requires_grad_()
+    out = attn(x)
+    params = dict(attn.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    grads = torch.autograd.grad(out, [x] + [params[n] for n in names], grad_out, allow_unused=True)
+    torch.testing.assert_close(out, want_out)
+    for name, got in zip(["input"] + names, grads):
+        want = want_grads[name]
+        if got is None or want is None:
+            assert (got is None or not got.any()) and (want is None or not want.any()), name
+        else:
+            torch.testing.assert_close(got, want, msg=name)
+
+
+def reference_out_and_grads(attn: SparseAttention, x: torch.Tensor, grad_out: torch.Tensor):
+    x = x.detach().requires_grad_()
+    out, parts, v = functional_reference(attn, x)
+    params = dict(attn.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    grads = torch.autograd.grad(out, [x] + [params[n] for n in names], grad_out, allow_unused=True)
+    return out.detach(), dict(zip(["input"] + names, grads)), parts, v
+
+
+@pytest.mark.parametrize("causal", (True, False), ids=("causal", "noncausal"))
+@pytest.mark.parametrize("kv_heads,share", [(2, True), (4, False)])
+def test_sliding_window_zero_matches_reference(causal, kv_heads, share):
+    """sliding_window_size=0 (spec 6: causal keys [i - W, i], non-causal |i - j| <= W; W = 0 is the token
+    itself): the module equals the functional reference, output and every gradient, and the sliding
+    branch returns each token's own value row."""
+    torch.manual_seed(3)
+    attn = SparseAttention(dim=64, dim_head=16, heads=4, kv_heads=kv_heads, causal=causal, sliding_window_size=0,
+                           compress_block_size=4, compress_block_sliding_stride=2, selection_block_size=4,
+                           num_selected_blocks=2, use_diff_topk=True, query_heads_share_selected_kv=share)
+    randomize_zero_init(attn)
+    x = torch.randn(2, 23, 64)
+    grad_out = torch.randn(2, 23, 64)
+    want_out, want_grads, parts, v = reference_out_and_grads(attn, x, grad_out)
+    torch.testing.assert_close(parts["o_swa"], v.repeat_interleave(4 // kv_heads, dim=2), rtol=0, atol=0)
+    assert_module_matches(attn, x, want_out, want_grads, grad_out)
+    assert attn.last_paths["sliding"] == "reference"
+
+
+@pytest.mark.parametrize("dim_head,dtype", [(4, torch.float32), (12, torch.float32), (16, torch.float64)],
+                         ids=["d4", "d12", "fp64"])
+def test_inputs_outside_the_kernels_run_the_reference(dim_head, dtype):
+    """Head dims and dtypes the kernels do not take (and the ops' checks refuse) run the reference on CPU,
+    as the module's constructor accepts them: output and gradients equal the functional reference."""
+    torch.manual_seed(4)
+    attn = SparseAttention(dim=32, dim_head=dim_head, heads=4, kv_heads=2, causal=True, sliding_window_size=3,
+                           compress_block_size=4, compress_block_sliding_stride=2, selection_block_size=4,
+                           num_selected_blocks=2, use_diff_topk=True).to(dtype)
+    randomize_zero_init(attn)
+    x, grad_out = torch.randn(2, 21, 32, dtype=dtype), torch.randn(2, 21, 32, dtype=dtype)
+    want_out, want_grads, _, _ = reference_out_and_grads(attn, x, grad_out)
+    assert_module_matches(attn, x, want_out, want_grads, grad_out)
+    assert attn.last_paths == dict.fromkeys(("compressed", "topk", "selected", "sliding"), "reference")
+
+
+OP_PATH_CASES = [  # (causal, window, compress l, stride, l', k, share, diff_topk, interpolated)
+    (True, 0, 4, 2, 4, 2, True, True, False),     # W = 0, mapping (b)
+    (True, 3, 4, 4, 4, 2, False, True, False),    # mapping (a), unshared
+    (False, 2, 8, 4, 8, 2, True, False, False),   # non-causal, mapping (b)
+    (True, 2, 4, 2, 3, 2, True, True, False),     # mapping (c): the top-k stays on the reference
+    (False, 0, 4, 2, 4, 0, True, False, False),   # k = 0: block-diagonal selection
+]
+
+
+@interpreter_lane
+@pytest.mark.parametrize("case", OP_PATH_CASES, ids=[f"case{i}" for i in range(len(OP_PATH_CASES))])
+def test_op_path_matches_reference_path(case, monkeypatch):
+    """The path of CUDA tensors, on CPU: every op routed to its torch.library op (whose CPU kernels are the
+    reference forward, lse and closed-form or autograd backward), composed by the module. Output and
+    every gradient equal the all-reference path's."""
+    causal, window, l, s, sel, k, share, diff, interp = case
+    torch.manual_seed(5)
+    attn = SparseAttention(dim=64, dim_head=16, heads=4, kv_heads=2, causal=causal, sliding_window_size=window,
+                           compress_block_size=l, compress_block_sliding_stride=s, selection_block_size=sel,
+                           num_selected_blocks=k, use_diff_topk=diff, query_heads_share_selected_kv=share,
+                           interpolated_importance_score=interp)
+    randomize_zero_init(attn)
+    x, grad_out = torch.randn(2, 29, 64), torch.randn(2, 29, 64)
+    want_out, want_grads, _, _ = reference_out_and_grads(attn, x, grad_out)
+    from nsa_codegen.kernels import compressed, selected, topk, window as window_ops
+
+    for module in (compressed, selected, topk, window_ops):
+        monkeypatch.setattr(module, "route", lambda t, use_kernels=True: "triton" if use_kernels else "reference")
+    assert_module_matches(attn, x, want_out, want_grads, grad_out)
+    expected = {"compressed": "triton", "selected": "triton", "sliding": "triton",
+                "topk": "none" if k == 0 else ("reference" if sel % s or sel < s else "triton")}
+    assert attn.last_paths == expected
+    attn.use_triton_kernel = False
+    assert_module_matches(attn, x, want_out, want_grads, grad_out)
+    assert set(attn.last_paths.values()) <= {"reference", "none"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +402,7 @@ BASE = dict(dim=64, dim_head=16, heads=4, sliding_window_size=2, compress_block_
 BAD_ARGS = [
     ("dim", 0), ("dim", -3), ("dim", 64.0), ("dim_head", 0), ("dim_head", 15), ("heads", 0),
     ("kv_heads", 3), ("kv_heads", 0), ("kv_heads", 8),
-    ("sliding_window_size", 0), ("sliding_window_size", -1),
+    ("sliding_window_size", -1), ("sliding_window_size", 1.5),
     ("compress_block_size", 0), ("compress_block_size", -4),
     ("compress_block_sliding_stride", 0), ("compress_block_sliding_stride", -2),
     ("compress_block_sliding_stride", 5), ("compress_block_sliding_stride", 2.0),
@@ -293,6 +430,7 @@ def test_heads_message_says_what_is_allowed():
 
 def test_valid_edge_arguments():
     SparseAttention(**{**BASE, "num_selected_blocks": 0})
+    SparseAttention(**{**BASE, "sliding_window_size": 0})  # spec 6: the token itself
     SparseAttention(**{**BASE, "compress_block_sliding_stride": 4})
     SparseAttention(**{**BASE, "compress_block_sliding_stride": 1})
     SparseAttention(**{**BASE, "kv_heads": 1})

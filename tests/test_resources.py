@@ -1,4 +1,5 @@
-"""The sympy resource model of the selected-attention kernels (nsa_codegen/resources.py)."""
+"""The sympy resource model of the selected-attention kernels (nsa_codegen/codegen/resources/selected.py) on
+the shared core (nsa_codegen/codegen/resources/__init__.py)."""
 from __future__ import annotations
 
 import re
@@ -6,6 +7,7 @@ import re
 import pytest
 
 from nsa_codegen.codegen import render
+from nsa_codegen.codegen import resources as core
 from nsa_codegen.codegen.resources import selected as resources
 from nsa_codegen.codegen.spec import VariantSpec
 from nsa_codegen.codegen.variants import default_variants
@@ -17,8 +19,11 @@ def test_formulas_are_sympy_and_lambdified_once():
     import sympy
 
     for fam in ("select_fwd", "select_bwd"):
-        assert isinstance(resources.SMEM[fam], sympy.Expr) and isinstance(resources.REGS[fam], sympy.Expr)
-        assert resources._functions(fam) is resources._functions(fam)  # cached numeric functions
+        formula = resources.FORMULAS[fam]
+        assert isinstance(formula.smem, sympy.Expr) and isinstance(formula.regs, sympy.Expr)
+        first = formula(16, 64, 128, 2, 2, 4)
+        functions = dict(formula._fns)
+        assert formula(16, 64, 128, 2, 2, 4) == first and formula._fns == functions  # lambdified once
 
 
 def test_shared_memory_formula_by_hand():
@@ -34,8 +39,8 @@ def test_kept_configs_fit_at_the_largest_head_dim(spec):
     kept, dropped = resources.tile_configs(spec)
     assert kept, f"{spec.name}: every config dropped"
     for cfg in kept:
-        assert resources.predict(spec, cfg, resources.MAX_HEAD_DIM, 2)["shared"] <= resources.SMEM_LIMIT
-        assert cfg["max_d16"] == resources.MAX_HEAD_DIM and 0 < cfg["max_d32"] <= resources.MAX_HEAD_DIM
+        assert resources.predict(spec, cfg, core.MAX_HEAD_DIM, 2)["shared"] <= core.SMEM_LIMIT
+        assert cfg["max_d16"] == core.MAX_HEAD_DIM and 0 < cfg["max_d32"] <= core.MAX_HEAD_DIM
     for line in dropped:
         assert re.search(r"shared memory \d+ B > 232448 B at head dim 256", line), line
 
@@ -55,7 +60,7 @@ def test_layout_rules():
     assert lay(VariantSpec("select_fwd", 64, 4, True))["TOKENS_PER_PROGRAM"] == 4
     assert lay(VariantSpec("select_fwd", 64, 4, True), force_pad=True)["TOKENS_PER_PROGRAM"] == 1
     assert lay(VariantSpec("select_fwd", 64, 3, True))["TOKENS_PER_PROGRAM"] == 4  # G = 3 pads to 4 rows
-    assert lay(VariantSpec("select_fwd", 8, 16, True))["GATHER"] is True
+    assert lay(VariantSpec("select_fwd", 8, 16, True))["GATHERED"] is True
     assert lay(VariantSpec("select_fwd", 8, 16, True))["BLOCK_N"] == (16, 32, 64)
     assert lay(VariantSpec("select_fwd", 20, 16, True))["BLOCK_N"] == (32,)
 

@@ -1,4 +1,4 @@
-"""The selection inversion behind the selected-attention dk/dv kernel (`ops.dkv_schedule`) and the
+"""The selection inversion behind the selected-attention dk/dv kernel (`selected.dkv_schedule`) and the
 kernel's multi-segment path.
 
 The benchmark shapes cut a popular key block's query list into several segments whose partial dk/dv
@@ -8,21 +8,17 @@ one-entry segments, against its own single-segment result and the reference.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import CUDA, INTERPRET
+from nsa_codegen import reference
+from nsa_codegen.codegen import cache
+from nsa_codegen.kernels import _launch, dense, selected
+from test_select_kernels import make_inputs
 
-from nsa_codegen import reference  # noqa: E402
-from nsa_codegen.codegen import cache  # noqa: E402
-from nsa_codegen.kernels import dispatch  # noqa: E402
-from nsa_codegen.kernels import selected as ops  # noqa: E402
-
-from test_select_kernels import make_inputs  # noqa: E402
+runs_kernels = pytest.mark.skipif(not INTERPRET and not CUDA, reason="needs the interpreter or CUDA")
+pytestmark = pytest.mark.usefixtures("poison")  # every launcher allocation starts as NaN / a sentinel
 
 
 def _selection(b, n, hs, kk, block_size, causal, seed):
@@ -40,7 +36,7 @@ def test_schedule_covers_every_valid_entry_once(n, block_size, kk, segment, caus
     if segment == 3:
         idx = idx.to(torch.int32)  # int32 indices too; and the caller's tensors are never written
     before = idx.clone(), valid.clone()
-    entries, segments = ops.dkv_schedule(idx, valid, n, block_size, causal, segment)
+    entries, segments = selected.dkv_schedule(idx, valid, n, block_size, causal, segment)
     assert torch.equal(idx, before[0]) and torch.equal(valid, before[1])
     nblk = -(-n // block_size)
     assert entries.dtype == segments.dtype == torch.int32
@@ -71,7 +67,7 @@ def test_schedule_covers_every_valid_entry_once(n, block_size, kk, segment, caus
             assert firsts.get(j, 0) == (1 if expected else 0)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not CUDA, reason="needs the interpreter or CUDA")
+@runs_kernels
 @pytest.mark.parametrize("block_size,H,K,shared,causal", [
     (16, 16, 1, True, True),    # G = 16, one token per step
     (8, 4, 2, False, False),    # unshared, gathered small blocks
@@ -85,17 +81,17 @@ def test_dkv_kernel_with_one_entry_segments(block_size, H, K, shared, causal):
                       dtype=torch.float32, device=dev, seed=block_size + H)
     q, k, v, idx, valid, g = (inp[x] for x in ("q", "k", "v", "block_idx", "block_valid", "gates"))
     kw = dict(block_size=block_size, causal=causal, scale=d ** -0.5)
-    out, lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
+    out, lse = selected.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
     dout = torch.randn_like(out)
-    _, dk1, dv1, _ = ops.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, dout, **kw)
+    _, dk1, dv1, _ = selected.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, dout, **kw)
 
-    module = cache.load_variant(dispatch.select_specs(q, k, idx, block_size=block_size, causal=causal)[1])
-    entries, segments = ops.dkv_schedule(idx, valid, n, block_size, causal, 1)
+    module = cache.load_variant(selected.variant_specs(q, k, idx, block_size=block_size, causal=causal)[1])
+    entries, segments = selected.dkv_schedule(idx, valid, n, block_size, causal, 1)
     assert int((segments[..., 0] >= 0).sum()) > -(-n // block_size) * idx.shape[2], "several segments per block"
     delta = (dout * out).sum(-1)
     dk = torch.zeros(k.shape, device=dev)
     dv = torch.zeros(v.shape, device=dev)
-    ops._launch_dkv(module, ops._no_wrap, q, k, v, g, g.stride(), True, dout, lse, delta, dk, dv, entries,
+    selected._launch_dkv(module, _launch.no_wrap, q, k, v, g, g.stride(), True, dout, lse, delta, dk, dv, entries,
                     segments, idx.shape[2], kk, kw["scale"], num_warps=4, num_stages=1)
     torch.testing.assert_close(dk, dk1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dv, dv1, rtol=1e-5, atol=1e-5)
@@ -112,9 +108,8 @@ def test_kernels_refuse_int32_overflowing_extents(which):
     """Offsets within a batch element are int32 in the select / window / compressed kernels: a tensor
     spanning 2**31 elements per batch element is refused before any launch (meta tensors: no memory)."""
     from nsa_codegen.kernels import checks
-    from nsa_codegen.kernels import window as ops_window
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not INTERPRET:
         pytest.skip("meta tensors reach the launch checks only under the interpreter")
     n, H, K, d, l = 4, 2, 1, 16, 4
     meta = dict(device="meta", dtype=torch.float32)
@@ -129,13 +124,13 @@ def test_kernels_refuse_int32_overflowing_extents(which):
     idx = torch.zeros((1, q.shape[1], K, 1), dtype=torch.int64, device="meta")
     valid = torch.ones((1, q.shape[1], K, 1), dtype=torch.bool, device="meta")
     with pytest.raises(ValueError, match="int32 offsets"):
-        ops.selected_attention_fwd_launch(q, k, v, idx, valid, block_size=l, causal=True, scale=0.25)
+        selected.selected_attention_fwd_launch(q, k, v, idx, valid, block_size=l, causal=True, scale=0.25)
     with pytest.raises(ValueError, match="int32 offsets"):
-        ops_window.check_launch(q, k)
+        dense.check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention")
     checks.require_int32_extent("x", ok=torch.empty((2, 8, 4, 16), **meta))  # small: accepted
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not CUDA, reason="needs the interpreter or CUDA")
+@runs_kernels
 @pytest.mark.parametrize("block_size,H,K,shared", [(16, 16, 1, True), (8, 4, 2, False), (4, 8, 1, True)])
 def test_out_of_range_valid_ids_are_ignored_not_read(block_size, H, K, shared):
     """Valid slots holding ids outside [0, cdiv(n, l')) (outside the contract) must not make a kernel
@@ -150,9 +145,9 @@ def test_out_of_range_valid_ids_are_ignored_not_read(block_size, H, K, shared):
     idx = torch.where(bad, torch.where(torch.arange(n, device=dev)[None, :, None, None] % 2 == 0, -3, 10 ** 6), idx)
     valid_bad = valid | bad
     kw = dict(block_size=block_size, causal=True, scale=d ** -0.5)
-    out, lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid_bad, g, **kw)
+    out, lse = selected.selected_attention_fwd_launch(q, k, v, idx, valid_bad, g, **kw)
     dout = torch.randn_like(out)
-    grads = ops.selected_attention_bwd_launch(q, k, v, idx, valid_bad, g, out, lse, dout, **kw)
+    grads = selected.selected_attention_bwd_launch(q, k, v, idx, valid_bad, g, out, lse, dout, **kw)
     qr, kr, vr, gr = (t.detach().requires_grad_() for t in (q, k, v, g))
     ref = reference.selected_attention(qr, kr, vr, torch.where(bad, 0, idx), valid & ~bad, gr, **kw)
     ref_grads = torch.autograd.grad(ref, (qr, kr, vr, gr), dout)
@@ -163,7 +158,7 @@ def test_out_of_range_valid_ids_are_ignored_not_read(block_size, H, K, shared):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item(), msg=name)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not CUDA, reason="needs the interpreter or CUDA")
+@runs_kernels
 def test_duplicate_valid_ids_stay_inside_their_row():
     """A duplicated valid id in one token's row is outside the contract (results for that token are
     undefined), but the packed backward must not write another token's d(gates): it used to store to
@@ -180,15 +175,15 @@ def test_duplicate_valid_ids_stay_inside_their_row():
     clean_valid[0, t, :, 3] = False
     results = []
     for ids, ok in ((dup, valid), (dup, clean_valid)):
-        out, lse = ops.selected_attention_fwd_launch(q, k, v, ids, ok, g, **kw)
+        out, lse = selected.selected_attention_fwd_launch(q, k, v, ids, ok, g, **kw)
         dout = torch.ones_like(out)
-        results.append(ops.selected_attention_bwd_launch(q, k, v, ids, ok, g, out, lse, dout, **kw)[3])
+        results.append(selected.selected_attention_bwd_launch(q, k, v, ids, ok, g, out, lse, dout, **kw)[3])
     others = torch.ones(n, dtype=torch.bool, device=dev)
     others[t] = False
     torch.testing.assert_close(results[0][:, others], results[1][:, others], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not CUDA, reason="needs the interpreter or CUDA")
+@runs_kernels
 def test_deterministic_mode_is_told_about_the_atomics():
     """torch.use_deterministic_algorithms(True) raises for the selected backward (fp32 atomics in dk/dv),
     warns with warn_only=True, as PyTorch's own nondeterministic kernels do."""
@@ -196,14 +191,14 @@ def test_deterministic_mode_is_told_about_the_atomics():
     inp = make_inputs(n=20, H=2, K=1, d=16, block_size=4, kk=2, causal=True, dtype=torch.float32, device=dev)
     q, k, v, idx, valid, g = (inp[x] for x in ("q", "k", "v", "block_idx", "block_valid", "gates"))
     kw = dict(block_size=4, causal=True, scale=0.25)
-    out, lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
+    out, lse = selected.selected_attention_fwd_launch(q, k, v, idx, valid, g, **kw)
     was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         torch.use_deterministic_algorithms(True)
         with pytest.raises(RuntimeError, match="not deterministic.*atomics"):
-            ops.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, torch.ones_like(out), **kw)
+            selected.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, torch.ones_like(out), **kw)
         torch.use_deterministic_algorithms(True, warn_only=True)
         with pytest.warns(UserWarning, match="not deterministic"):
-            ops.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, torch.ones_like(out), **kw)
+            selected.selected_attention_bwd_launch(q, k, v, idx, valid, g, out, lse, torch.ones_like(out), **kw)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=was_warn)

@@ -8,38 +8,24 @@ Two lanes, one set of cases:
 - GPU lane (`pytest -m gpu`, skipped without CUDA): the same variants in bf16 and fp16 at head dims 64
   and 128 on larger shapes, plus torch.library.opcheck and torch.compile(fullgraph=True).
 
-Numerics (design.md): fp32 on the interpreter: max|kernel - ref32| <= 1e-4 * max|ref32|; 16-bit:
-max|kernel - ref32| <= 2 * max|ref_lowp - ref32| + 1e-5 (+ a small relative floor on the GPU lane),
-for the output and every gradient. Inputs are fresh random values; outputs are poisoned with NaN
-before the launch and must be fully written.
+Numerics: the rule of conftest.py (fp32 on the interpreter: 1e-4 * max|ref32| + 1e-5; 16-bit:
+2 * max|ref_lowp - ref32| + 1e-5, plus a small relative floor on the GPU lane), for the output, lse and
+every gradient. Inputs are fresh random values; every allocation of the launchers is poisoned
+(conftest.py) and must be fully written.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated kernel is defined
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from conftest import assert_numerics, interpreter_lane as interp, needs_cuda
+from nsa_codegen import reference
+from nsa_codegen.kernels import BLOCK_SIZES, GROUPS
+from nsa_codegen.kernels import selected
 
-if INTERPRET:
-    # Test-only speed-up (5x): the interpreter checks every int32 op for overflow; our offsets are
-    # bounded by the shapes. Device kernels are unaffected.
-    import triton.runtime.interpreter as _ti
-
-    _ti.interpreter_builder.options = dataclasses.replace(_ti.interpreter_builder.options, sanitize_overflow=False)
-
-from nsa_codegen import reference  # noqa: E402
-from nsa_codegen.kernels import selected as ops  # noqa: E402
-from nsa_codegen.codegen.variants import BLOCK_SIZES, GROUPS  # noqa: E402
-
-interp = pytest.mark.skipif(not INTERPRET, reason="interpreter lane (TRITON_INTERPRET=1, CPU)")
 gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA (GPU lane)")
 
 # sequence length per block size in the interpreter lane: odd, and long enough for >= 2 blocks when
 # l' <= 64 (cost grows with the number of programs)
@@ -101,50 +87,41 @@ def reference_grads(inp, dout, *, block_size, causal, scale, dtype):
         res["dgates"] = g.grad if g.grad is not None else torch.zeros_like(g)  # kk = 0: no gate used
     if dtype == torch.float32:
         with torch.no_grad():
-            _, lse = ops._reference_lse(q, k, v, inp["block_idx"], inp["block_valid"], g, block_size, causal, scale)
-        res["lse"] = lse
+            res["lse"] = reference.selected_attention_lse(q, k, inp["block_idx"], inp["block_valid"], g,
+                                                          block_size=block_size, causal=causal, scale=scale)
     return res
 
 
 def run_kernels(inp, dout, *, block_size, causal, scale):
+    """Forward into caller-allocated out / lse, backward into a caller-allocated dq (allocated with
+    torch.empty: poisoned under the `poison` fixture, as the launchers' own allocations)."""
     q = inp["q"]
     b, n, h, _ = q.shape
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((b, n, h), float("nan"), device=q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty((b, n, h), device=q.device)
     args = (inp["q"], inp["k"], inp["v"], inp["block_idx"], inp["block_valid"], inp["gates"])
     kw = dict(block_size=block_size, causal=causal, scale=scale)
-    out, lse = ops.selected_attention_fwd_launch(*args, **kw, out=out, lse=lse)
-    dq = torch.full_like(q, float("nan"))
-    dq, dk, dv, dg = ops.selected_attention_bwd_launch(*args, out, lse, dout, **kw, dq=dq)
+    out, lse = selected.selected_attention_fwd_launch(*args, **kw, out=out, lse=lse)
+    dq = torch.empty_like(q)
+    dq, dk, dv, dg = selected.selected_attention_bwd_launch(*args, out, lse, dout, **kw, dq=dq)
     res = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
     if inp["gates"] is not None:
         res["dgates"] = dg
     return res
 
 
-def check(got, ref32, ref_lowp=None, *, rel=1e-4, floor=1e-5, gpu_rel=0.0):
-    """design.md's rule per tensor; returns {name: (err, tol)} and asserts with the worst mismatch."""
+def check(got, ref32, ref_lowp=None, *, rel=1e-4, gpu_rel=0.0):
+    """The numerics rule (conftest.py) per tensor of `ref32` (out, lse, dq, dk, dv, dgates); `ref_lowp` holds
+    the low-precision reference's tensors (lse only in fp32). Returns {name: (err, tol)}."""
     report = {}
     for name, r in ref32.items():
         x = got[name]
-        assert not torch.isnan(x).any(), f"{name}: NaN (unwritten element or bad math) at {torch.isnan(x).nonzero()[:5].tolist()}"
         if name == "lse":  # -inf (no key) must match exactly; compare the finite part
-            assert torch.equal(torch.isinf(x), torch.isinf(r)), f"lse: -inf pattern differs"
+            assert not torch.isnan(x).any(), "lse: NaN (an element left unwritten?)"
+            assert torch.equal(torch.isinf(x).cpu(), torch.isinf(r).cpu()), "lse: -inf pattern differs"
             x, r = x.masked_fill(torch.isinf(x), 0), r.masked_fill(torch.isinf(r), 0)
-        diff = (x.double().cpu() - r.double().cpu()).abs()
-        err = diff.max().item() if diff.numel() else 0.0
-        scale_ = r.abs().max().item() if r.numel() else 0.0
-        if ref_lowp is None or name not in ref_lowp:
-            tol = rel * max(scale_, 1e-3)
-        else:
-            lowp_err = (ref_lowp[name].double().cpu() - r.double().cpu()).abs().max().item() if r.numel() else 0.0
-            tol = 2 * lowp_err + floor + gpu_rel * scale_
-        report[name] = (err, tol)
-        if err > tol:
-            at = diff.argmax().item()
-            pytest.fail(f"{name}: max|kernel - ref32| = {err:.3e} > tol {tol:.3e} (at flat index {at}, "
-                        f"kernel {x.flatten()[at].item():.6g}, ref {r.flatten()[at].item():.6g}); all: "
-                        + ", ".join(f"{k}={e:.2e}/{t:.2e}" for k, (e, t) in report.items()))
+        low = None if ref_lowp is None else ref_lowp.get(name)
+        report[name] = assert_numerics(name, x, r, low, rel=rel, rel_slack=gpu_rel if low is not None else 0.0)
     return report
 
 
@@ -189,6 +166,7 @@ GRID = [(l, g, c) for l in BLOCK_SIZES for g in GROUPS for c in (True, False)]
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("block_size,group,causal", GRID, ids=[f"bs{l}_g{g}_{'causal' if c else 'noncausal'}" for l, g, c in GRID])
+@pytest.mark.usefixtures("poison")
 def test_grid_variant_interpreter(block_size, group, causal, dtype, d):
     H, K = case_heads(group, True)
     # l' = 128: causal needs n > 128 for an earlier block (one candidate); non-causal runs one partial block
@@ -229,6 +207,7 @@ EXTRA_RUN_IDS = [f"{_extra_id(c)}_d{d}" for c, d in EXTRA_RUNS]
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case,d", EXTRA_RUNS, ids=EXTRA_RUN_IDS)
+@pytest.mark.usefixtures("poison")
 def test_extra_variant_interpreter(case, d, dtype):
     block_size, H, K, shared, causal, _, kk, gates, idx_dtype = case
     compare_case(n=N_INTERP.get(block_size, 45), H=H, K=K, d=d, block_size=block_size, kk=kk, causal=causal,
@@ -236,6 +215,7 @@ def test_extra_variant_interpreter(case, d, dtype):
 
 
 @interp
+@pytest.mark.usefixtures("poison")
 def test_batch_and_strided_inputs_interpreter():
     """b = 2, q/k/v as strided views of one fused qkv tensor and a transposed selection: no copies."""
     b, n, H, K, d, l, kk = 2, 33, 4, 2, 32, 8, 3
@@ -254,6 +234,7 @@ def test_batch_and_strided_inputs_interpreter():
 @pytest.mark.parametrize("group,layout", [(16, {"force_tpp": 2}), (16, {"force_tpp": 4}), (4, {"force_pad": True}),
                                           (2, {"force_tpp": 16})], ids=["g16-tpp2", "g16-tpp4", "g4-pad", "g2-tpp16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.usefixtures("poison")
 def test_experimental_layouts_match_the_reference(group, layout, causal):
     """The program layouts the GPU experiments render (render.load_with_layout): the padding baseline
     packing is measured against, and more tokens per program than the default (at G = 16: several
@@ -270,14 +251,15 @@ def test_experimental_layouts_match_the_reference(group, layout, causal):
     assert fwd.TOKENS_PER_PROGRAM == bwd.TOKENS_PER_PROGRAM == expect_tpp
     args = (inp["q"], inp["k"], inp["v"], inp["block_idx"], inp["block_valid"], inp["gates"])
     kw = dict(block_size=l, causal=causal, scale=d ** -0.5)
-    out, lse = ops.selected_attention_fwd_launch(*args, **kw, module=fwd)
+    out, lse = selected.selected_attention_fwd_launch(*args, **kw, module=fwd)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
-    dq, dk, dv, dg = ops.selected_attention_bwd_launch(*args, out, lse, dout, **kw, module=bwd)
+    dq, dk, dv, dg = selected.selected_attention_bwd_launch(*args, out, lse, dout, **kw, module=bwd)
     got = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv, "dgates": dg}
     check(got, reference_grads(inp, dout, **kw, dtype=torch.float32))
 
 
 @interp
+@pytest.mark.usefixtures("poison")
 def test_noncausal_query_without_keys_gets_zero_and_finite_grads():
     inp = make_inputs(n=40, H=4, K=2, d=32, block_size=16, kk=2, causal=False, dtype=torch.float32, seed=5)
     inp["block_valid"][:, 7] = False  # token 7 has no key at all
@@ -292,13 +274,15 @@ def test_noncausal_query_without_keys_gets_zero_and_finite_grads():
 @interp
 def test_launcher_picks_generated_variant_and_config():
     from nsa_codegen.codegen import cache
-    from nsa_codegen.kernels import dispatch
 
     inp = make_inputs(n=16, H=8, K=2, d=64, block_size=16, kk=1, causal=True, dtype=torch.float32)
-    fwd, bwd = dispatch.select_specs(inp["q"], inp["k"], inp["block_idx"], block_size=16, causal=True)
+    fwd, bwd = selected.variant_specs(inp["q"], inp["k"], inp["block_idx"], block_size=16, causal=True)
     assert fwd.name == "select_fwd_bs16_g4_causal" and bwd.name == "select_bwd_bs16_g4_causal"
     unshared = torch.zeros(1, 16, 8, 1, dtype=torch.int64)
-    assert dispatch.select_specs(inp["q"], inp["k"], unshared, block_size=16, causal=False)[0].group == 1
+    assert selected.variant_specs(inp["q"], inp["k"], unshared, block_size=16, causal=False)[0].group == 1
+    with pytest.raises(ValueError, match="selection heads"):
+        selected.variant_specs(inp["q"], inp["k"], torch.zeros(1, 16, 3, 1, dtype=torch.int64), block_size=16,
+                               causal=True)
     mod = cache.load_variant(fwd)
     assert mod.TOKENS_PER_PROGRAM == 4 and mod.BLOCK_M == 16 and mod.CONFIGS
     for c in mod.CONFIGS:
@@ -340,7 +324,7 @@ def _valid_args(**over):
 )
 def test_validation_errors_before_launch(over, exc, words):
     args = _valid_args(**over)
-    for fn in (ops.selected_attention_fwd_launch, ops.selected_attention):
+    for fn in (selected.selected_attention_fwd_launch, selected.selected_attention):
         with pytest.raises(exc) as info:
             fn(args["q"], args["k"], args["v"], args["block_idx"], args["block_valid"], args["gates"],
                block_size=args["block_size"], causal=args["causal"], scale=args["scale"])
@@ -350,11 +334,33 @@ def test_validation_errors_before_launch(over, exc, words):
 
 def test_cpu_public_path_is_the_reference():
     args = _valid_args()
-    out = ops.selected_attention(args["q"], args["k"], args["v"], args["block_idx"], args["block_valid"],
-                                 args["gates"], block_size=4, causal=True, scale=0.125)
-    ref = reference.selected_attention(args["q"], args["k"], args["v"], args["block_idx"], args["block_valid"],
-                                       args["gates"], block_size=4, causal=True, scale=0.125)
+    sel = (args["q"], args["k"], args["v"], args["block_idx"], args["block_valid"], args["gates"])
+    ref = reference.selected_attention(*sel, block_size=4, causal=True, scale=0.125)
+    for use_kernels in (True, False):
+        paths = {}
+        out = selected.selected_attention(*sel, block_size=4, causal=True, scale=0.125, use_kernels=use_kernels,
+                                          paths=paths)
+        assert paths == {"selected": "reference"}
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_query_offset_runs_the_reference_on_every_device(monkeypatch):
+    """Queries placed after a cache (decoding, query_offset > 0) take the reference even where `route`
+    would pick the kernels (CUDA); without an offset the op is taken (on CPU tensors: its CPU kernel)."""
+    monkeypatch.setattr(selected, "route", lambda x, use_kernels=True: "triton")
+    inp = make_inputs(n=9, H=4, K=2, d=16, block_size=4, kk=2, causal=True, dtype=torch.float32, seed=2)
+    k, v = inp["k"], inp["v"]
+    q, idx, valid, g = (inp[x][:, -1:] for x in ("q", "block_idx", "block_valid", "gates"))
+    paths = {}
+    out = selected.selected_attention(q, k, v, idx, valid, g, block_size=4, causal=True, scale=0.25, query_offset=8,
+                                      paths=paths)
+    assert paths == {"selected": "reference"}
+    ref = reference.selected_attention(q, k, v, idx, valid, g, block_size=4, causal=True, scale=0.25, query_offset=8)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    full = selected.selected_attention(*(inp[x] for x in ("q", "k", "v", "block_idx", "block_valid", "gates")),
+                                       block_size=4, causal=True, scale=0.25, paths=paths)
+    assert paths == {"selected": "triton"}
+    torch.testing.assert_close(full[:, -1:], ref)
 
 
 def test_cpu_op_and_autograd_match_reference():
@@ -404,6 +410,7 @@ GPU_N = {8: 301, 16: 507, 32: 507, 64: 1000, 128: 1000, 2: 127, 4: 201, 20: 507}
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("block_size,group,causal", GRID, ids=[f"bs{l}_g{g}_{'causal' if c else 'noncausal'}" for l, g, c in GRID])
+@pytest.mark.usefixtures("poison")
 def test_grid_variant_gpu(block_size, group, causal, dtype, d):
     H, K = case_heads(group, True)
     compare_case(b=2, n=GPU_N[block_size], H=H, K=K, d=d, block_size=block_size, kk=4, causal=causal, dtype=dtype,
@@ -415,6 +422,7 @@ def test_grid_variant_gpu(block_size, group, causal, dtype, d):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", EXTRA, ids=[f"extra{i}" for i in range(len(EXTRA))])
+@pytest.mark.usefixtures("poison")
 def test_extra_variant_gpu(case, dtype, d):
     block_size, H, K, shared, causal, _, kk, gates, idx_dtype = case
     compare_case(b=2, n=GPU_N.get(block_size, 301), H=H, K=K, d=d, block_size=block_size, kk=kk, causal=causal,
@@ -441,7 +449,7 @@ def test_torch_compile_fullgraph_matches_eager_gpu():
     args = _op_args("cuda", torch.bfloat16)
 
     def f(q, k, v, idx, valid, g):
-        return ops.selected_attention(q, k, v, idx, valid, g, block_size=16, causal=True, scale=0.125)
+        return selected.selected_attention(q, k, v, idx, valid, g, block_size=16, causal=True, scale=0.125)
 
     dout = torch.randn_like(args[0])
     outs = []
@@ -459,6 +467,6 @@ def test_torch_compile_fullgraph_matches_eager_gpu():
 @needs_cuda
 def test_public_cuda_path_autograd_gpu():
     args = _op_args("cuda", torch.float16)
-    out = ops.selected_attention(*args[:6], block_size=16, causal=True, scale=0.125)
+    out = selected.selected_attention(*args[:6], block_size=16, causal=True, scale=0.125)
     out.float().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (args[0], args[1], args[2], args[5]))

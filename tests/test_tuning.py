@@ -1,7 +1,8 @@
-"""Persisted tuning of the selected-attention forward config (nsa_codegen/tuning.py), on CPU.
+"""Persisted tuning of launch configs (nsa_codegen/kernels/tuning.py), on CPU: the selected-attention forward
+and the kernels of the compressed-attention backward, each kernel under its own key.
 
 The benchmark itself needs a GPU; here it is replaced by a fake timer (`bench_fn`, or a monkeypatched
-`tuning.default_bench` on the ops path), so the selection, keying, persistence and the never-benchmark
+`tuning.default_bench` on the launch path), so the selection, keying, persistence and the never-benchmark
 rules run on the CPU. Fake timers record what they see instead of raising: `tuning.benchmark` swallows
 a failing candidate, so an assert inside a timer could not fail a test.
 """
@@ -19,23 +20,20 @@ import pytest
 import torch
 import triton
 
+from conftest import interpreter_lane as interp
 from nsa_codegen import reference
 from nsa_codegen.codegen import cache
-from nsa_codegen.kernels import dispatch
-from nsa_codegen.kernels import selected as ops
-from nsa_codegen.kernels import tuning
 from nsa_codegen.codegen.spec import VariantSpec
+from nsa_codegen.kernels import _launch, selected, tuning
 
 ROOT = Path(__file__).resolve().parent.parent
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not INTERPRET, reason="interpreter lane (TRITON_INTERPRET=1, CPU)")
 
 C = [  # synthetic candidates, render-time order
     {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "max_d16": 256, "max_d32": 128},
     {"BLOCK_N": 32, "num_warps": 8, "num_stages": 1, "max_d16": 256, "max_d32": 256},
     {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "max_d16": 256, "max_d32": 128},
 ]
-REAL_CONFIG = ops._config  # the tests below spy on it
+REAL_LAUNCH_FWD = selected._launch_fwd  # the tests below spy on it
 KEY = tuning.TuneKey("select_fwd_bs32_g4_causal", 128, "bfloat16", 8192, "NVIDIA H200", "3.6.0")
 
 
@@ -87,13 +85,17 @@ def test_key_names_variant_head_dim_dtype_n_bucket_gpu_and_triton():
         assert other != same and str(other) != str(same)
 
 
-def test_default_is_first_fitting_config_like_pick_config():
+def test_untuned_choice_is_the_default_config():
+    """Without a table entry and without a benchmark (here: NSA_CODEGEN_TUNE unset but the interpreter /
+    CPU blocks it), a tuned kernel gets what `_launch.choose_config` gives an untuned one."""
     mod = cache.load_variant(VariantSpec("select_fwd", 64, 16, True))
-    for block_d, dtype_bytes in ((128, 2), (256, 2), (128, 4), (256, 4)):
-        want = ops._pick_config(mod, block_d, dtype_bytes)
-        assert tuning.split(tuning.default_config(mod.CONFIGS, block_d, dtype_bytes)) == want
-    fit = tuning.fitting_configs(C, 256, 4)  # fp32 at d=256: only max_d32 >= 256
-    assert fit == [C[1]] and tuning.default_config(C, 256, 4) == C[1]
+    probe = torch.zeros(1, 8192)
+    for d, dtype in ((128, torch.bfloat16), (256, torch.bfloat16), (128, torch.float32), (256, torch.float32)):
+        want = tuning.split(_launch.default_config(mod.CONFIGS, _launch.padded_head_dim(d), dtype.itemsize))
+        assert _launch.choose_config(mod, d, dtype) == want
+        assert tuning.kernel_config(mod, None, d, dtype, 8192, probe, lambda c: None) == want
+    fit = _launch.fitting_configs(C, 256, 4)  # fp32 at d=256: only max_d32 >= 256
+    assert fit == [C[1]] and _launch.default_config(C, 256, 4) == C[1]
     assert tuning.split(C[2]) == ({"BLOCK_N": 64}, {"num_warps": 4, "num_stages": 3})
 
 
@@ -219,6 +221,19 @@ def test_unwritable_cache_dir_keeps_the_winner_in_process(monkeypatch, tmp_path)
     assert tuning.choose(KEY, C, timer.run, may_bench=True, bench_fn=timer) == C[1]
 
 
+def test_failed_table_write_keeps_the_winner_and_leaves_no_temp_file(monkeypatch):
+    """A write that fails half-way (disk full: fsync raises) removes its temp file and surfaces as the
+    OSError, which `choose` turns into an in-process winner."""
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    timer = FakeTimer([2.0, 1.0, 3.0])
+    assert tuning.choose(KEY, C, timer.run, may_bench=True, bench_fn=timer) == C[1]
+    assert not tuning.table_path().exists()
+    assert not [p for p in tuning.table_path().parent.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_first_writer_wins_within_one_process_too():
     assert tuning.store(KEY, C, C[0], [1.0, 2.0, 3.0]) == C[0]
     assert tuning.store(KEY, C, C[2], [3.0, 2.0, 1.0]) == C[0]  # a valid entry exists: adopt it
@@ -292,35 +307,35 @@ def _module():
 def test_env_switch_and_memo(monkeypatch):
     mod = _module()
     probe = torch.zeros(1)  # only its device matters here
-    cands = tuning.fitting_configs(mod.CONFIGS, 128, 2)
+    cands = _launch.fitting_configs(mod.CONFIGS, 128, 2)
     assert len(cands) > 2
-    default = ops._pick_config(mod, 128, 2)
+    default = _launch.choose_config(mod, 128, torch.bfloat16)
     timer = FakeTimer([3.0] * (len(cands) - 1) + [1.0], cands)
     monkeypatch.setattr(tuning, "benchmark_blocker", lambda probe: None)  # as on a CUDA call
 
     monkeypatch.setenv("NSA_CODEGEN_TUNE", "0")
-    assert tuning.forward_config(mod, 128, torch.bfloat16, 8192, probe, timer.run, bench_fn=timer) == default
+    assert tuning.kernel_config(mod, None, 128, torch.bfloat16, 8192, probe, timer.run, bench_fn=timer) == default
     assert timer.timed == [] and not tuning.table_path().exists()
 
     monkeypatch.delenv("NSA_CODEGEN_TUNE")
-    tuned = tuning.forward_config(mod, 128, torch.bfloat16, 8192, probe, timer.run, bench_fn=timer)
+    tuned = tuning.kernel_config(mod, None, 128, torch.bfloat16, 8192, probe, timer.run, bench_fn=timer)
     assert tuned == tuning.split(cands[-1]) != default and timer.timed == cands
     # warm: same bucket -> memo, no benchmark; another bucket -> benchmark again
-    assert tuning.forward_config(mod, 128, torch.bfloat16, 5000, probe, timer.run, bench_fn=timer) == tuned
+    assert tuning.kernel_config(mod, None, 128, torch.bfloat16, 5000, probe, timer.run, bench_fn=timer) == tuned
     assert len(timer.timed) == len(cands)
-    tuning.forward_config(mod, 128, torch.bfloat16, 8193, probe, timer.run, bench_fn=timer)
+    tuning.kernel_config(mod, None, 128, torch.bfloat16, 8193, probe, timer.run, bench_fn=timer)
     assert len(timer.timed) == 2 * len(cands)
     # in a new process (no memo) the switch wins over the table
     tuning.reset()
     monkeypatch.setenv("NSA_CODEGEN_TUNE", "0")
-    assert tuning.forward_config(mod, 128, torch.bfloat16, 8192, probe, timer.run, bench_fn=timer) == default
+    assert tuning.kernel_config(mod, None, 128, torch.bfloat16, 8192, probe, timer.run, bench_fn=timer) == default
 
 
 def test_kernels_of_one_module_are_tuned_apart(monkeypatch):
     """cmp_bwd has two kernels sharing CONFIGS: each gets its own key, benchmark and winner."""
     mod = cache.load_variant(VariantSpec("cmp_bwd", 0, 16, True))
     probe = torch.zeros(1)
-    cands = tuning.fitting_configs(mod.CONFIGS, 128, 2)
+    cands = _launch.fitting_configs(mod.CONFIGS, 128, 2)
     assert len(cands) > 2
     monkeypatch.setattr(tuning, "benchmark_blocker", lambda probe: None)
     dq_timer = FakeTimer([1.0] + [3.0] * (len(cands) - 1), cands)
@@ -335,36 +350,46 @@ def test_kernels_of_one_module_are_tuned_apart(monkeypatch):
     assert any("cmp_bwd_g16_causal:dkdv_kernel|" in k for k in keys)
 
 
-def test_forced_config_is_scoped_to_its_kernel(monkeypatch):
-    """A config forced for the selected forward (no BLOCK_M) must not reach the compressed backward's
-    named kernels launched inside the same block (they would fail on the missing key)."""
-    from nsa_codegen.kernels import compressed as ops_compressed
-    fwd_cfg = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    mod = cache.load_variant(VariantSpec("cmp_bwd", 0, 16, True))
+def test_a_kernels_config_never_answers_for_another_kernel(monkeypatch):
+    """The tuned choice is keyed by (module, kernel): the selected forward's config (BLOCK_N only) is never
+    handed to the compressed backward's kernels (which need BLOCK_M), in the table or in the memo, and a
+    winner of dq_kernel does not answer for dkdv_kernel of the same module."""
+    monkeypatch.setattr(tuning, "benchmark_blocker", lambda probe: None)  # as on a CUDA call
     probe = torch.zeros(1)
-    with tuning.forced(fwd_cfg):
-        assert tuning.forward_config(_module(), 128, torch.bfloat16, 64, probe, lambda c: None) == tuning.split(fwd_cfg)
-        got = tuning.kernel_config(mod, "dq_kernel", 128, torch.bfloat16, 64, probe, lambda c: None)
-        assert got == tuning.split(tuning.default_config(mod.CONFIGS, 128, 2))
-        if INTERPRET:  # the whole backward inside the block runs (on its own configs)
-            q = torch.randn(1, 9, 2, 16)
-            ck, cv = torch.randn(1, 3, 1, 16), torch.randn(1, 3, 1, 16)
-            kw = dict(num_mem=1, block_size=4, stride=4, causal=True, scale=0.25)
-            out, lse = ops_compressed.compressed_attention_fwd_launch(q, ck, cv, **kw)
-            ops_compressed.compressed_attention_bwd_launch(q, ck, cv, out, lse, torch.randn_like(out), **kw)
-    with tuning.forced({"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}, kernel="dq_kernel"):
-        assert tuning.kernel_config(mod, "dq_kernel", 128, torch.bfloat16, 64, probe, lambda c: None)[0] == {
-            "BLOCK_M": 16, "BLOCK_N": 16}
+    fwd = _module()
+    fwd_cands = _launch.fitting_configs(fwd.CONFIGS, 128, 2)
+    timer = FakeTimer([3.0] * (len(fwd_cands) - 1) + [1.0], fwd_cands)
+    tuned_fwd = tuning.kernel_config(fwd, None, 128, torch.bfloat16, 64, probe, timer.run, bench_fn=timer)
+    assert tuned_fwd == tuning.split(fwd_cands[-1]) and "BLOCK_M" not in tuned_fwd[0]
+
+    bwd = cache.load_variant(VariantSpec("cmp_bwd", 0, 16, True))
+    bwd_cands = _launch.fitting_configs(bwd.CONFIGS, 128, 2)
+    dq_timer = FakeTimer([1.0] + [3.0] * (len(bwd_cands) - 1), bwd_cands)
+    dq = tuning.kernel_config(bwd, "dq_kernel", 128, torch.bfloat16, 64, probe, dq_timer.run, bench_fn=dq_timer)
+    assert dq == tuning.split(bwd_cands[0]) and dq_timer.timed == bwd_cands  # its own benchmark, its configs
+    assert {"BLOCK_M", "BLOCK_N"} <= set(dq[0])
+    keys = set(read_table()["entries"])
+    assert {k.split("|")[0] for k in keys} == {"select_fwd_bs64_g16_causal", "cmp_bwd_g16_causal:dq_kernel"}
+
+    # without a benchmark, dkdv_kernel gets the default: neither dq_kernel's winner nor the forward's
+    monkeypatch.setattr(tuning, "benchmark_blocker", lambda probe: "no benchmark here")
+    dkdv = tuning.kernel_config(bwd, "dkdv_kernel", 128, torch.bfloat16, 64, probe, lambda c: None)
+    assert dkdv == _launch.choose_config(bwd, 128, torch.bfloat16)
+    dkdv_key = tuning.make_key("cmp_bwd_g16_causal:dkdv_kernel", 128, torch.bfloat16, 64, probe.device)
+    assert tuning.decisions()[str(dkdv_key)]["source"] == "none"
+    # the memo answers each (module, kernel) with its own winner
+    assert tuning.kernel_config(fwd, None, 128, torch.bfloat16, 64, probe, lambda c: None) == tuned_fwd
+    assert tuning.kernel_config(bwd, "dq_kernel", 128, torch.bfloat16, 64, probe, lambda c: None) == dq
 
 
 class _Picked(Exception):
-    """Raised by the `_config` spy once the config is chosen: the interpreter's kernels (this lane)
+    """Raised by the `_launch_fwd` spy once the config is chosen: the interpreter's kernels (this lane)
     cannot take fake tensors, and the launch is not what these tests are about."""
 
 
 def test_every_candidate_failing_on_the_call_path_is_not_retried(monkeypatch):
     mod = _module()
-    default = ops._pick_config(mod, 128, 2)
+    default = _launch.choose_config(mod, 128, torch.bfloat16)
     calls = []
 
     def oom(fn):
@@ -373,27 +398,26 @@ def test_every_candidate_failing_on_the_call_path_is_not_retried(monkeypatch):
 
     monkeypatch.setattr(tuning, "benchmark_blocker", lambda probe: None)
     for _ in range(3):
-        assert tuning.forward_config(mod, 128, torch.bfloat16, 8192, torch.zeros(1), lambda c: None,
-                                     bench_fn=oom) == default
-    assert len(calls) == len(tuning.fitting_configs(mod.CONFIGS, 128, 2))  # one failed round, then the memo
+        assert tuning.kernel_config(mod, None, 128, torch.bfloat16, 8192, torch.zeros(1), lambda c: None,
+                                    bench_fn=oom) == default
+    assert len(calls) == len(_launch.fitting_configs(mod.CONFIGS, 128, 2))  # one failed round, then the memo
     assert not tuning.table_path().exists()
 
 
 def _fake_cuda_call(monkeypatch):
     """torch.ops.nsa.selected_attention under FakeTensorMode on fake CUDA tensors (what torch.compile
-    traces), stopped right after `_fwd` got its config; returns the (constexprs, launch) it got, the
+    traces), stopped at the launch of the caller's outputs; returns the (constexprs, launch) it got, the
     benchmark calls and the tuning key."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     benched, picked = [], []
     monkeypatch.setattr(tuning, "default_bench", lambda fn: benched.append(fn) or 1.0)
-    real = REAL_CONFIG
 
-    def spy(*args):
-        picked.append(real(*args))
+    def spy(module, cfg, *args):
+        picked.append(cfg)
         raise _Picked
 
-    monkeypatch.setattr(ops, "_config", spy)
+    monkeypatch.setattr(selected, "_launch_fwd", spy)
     with FakeTensorMode():
         q = torch.empty(1, 256, 16, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.empty(1, 256, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -408,9 +432,9 @@ def _fake_cuda_call(monkeypatch):
 def test_fake_tensor_path_never_benchmarks(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # only the fake tensors may stop the benchmark
     mod = _module()
-    cands = tuning.fitting_configs(mod.CONFIGS, 128, 2)
+    cands = _launch.fitting_configs(mod.CONFIGS, 128, 2)
     picked, benched, key = _fake_cuda_call(monkeypatch)
-    assert benched == [] and picked == [ops._pick_config(mod, 128, 2)]
+    assert benched == [] and picked == [_launch.choose_config(mod, 128, torch.bfloat16)]
     assert not tuning.table_path().exists()
     decision = tuning.decisions()[str(key)]
     assert decision["source"] == "none" and decision["reason"]
@@ -437,30 +461,44 @@ def _small_inputs(n=32, H=2, K=1, d=16, block_size=8, kk=2, seed=0):
     return q, k, v, idx, valid
 
 
+class _LaunchSpy:
+    """Wraps `selected._launch_fwd` (launches as usual) and records each launch: its (constexprs, launch)
+    and the out / lse tensors it wrote."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, module, cfg, wrap, q, k, v, block_idx, block_valid, gates, scale, out, lse):
+        self.launches.append((cfg, out, lse))
+        REAL_LAUNCH_FWD(module, cfg, wrap, q, k, v, block_idx, block_valid, gates, scale, out, lse)
+
+
 @interp
 def test_interpreter_launch_uses_the_table_and_never_benchmarks(monkeypatch):
     q, k, v, idx, valid = _small_inputs()
-    mod = cache.load_variant(dispatch.select_specs(q, k, idx, block_size=8, causal=True)[0])
-    cands = tuning.fitting_configs(mod.CONFIGS, 16, 4)
-    benched, picked = [], []
+    mod = cache.load_variant(selected.variant_specs(q, k, idx, block_size=8, causal=True)[0])
+    cands = _launch.fitting_configs(mod.CONFIGS, 16, 4)
+    benched = []
     monkeypatch.setattr(tuning, "default_bench", lambda fn: benched.append(fn) or 1.0)
-    real = REAL_CONFIG
-    monkeypatch.setattr(ops, "_config", lambda *a: picked.append(real(*a)) or picked[-1])
+    spy = _LaunchSpy()
+    monkeypatch.setattr(selected, "_launch_fwd", spy)
     key = tuning.make_key(tuning.variant_name(mod), 16, torch.float32, 32, q.device)
     tuning.store(key, cands, cands[4], [1.0] * len(cands))
-    out, _ = ops.selected_attention_fwd_launch(q, k, v, idx, valid, None, block_size=8, causal=True, scale=0.25)
-    assert benched == [] and picked == [tuning.split(cands[4])] and cands[4] != cands[0]
+    out, _ = selected.selected_attention_fwd_launch(q, k, v, idx, valid, None, block_size=8, causal=True, scale=0.25)
+    assert benched == [] and [cfg for cfg, _, _ in spy.launches] == [tuning.split(cands[4])] and cands[4] != cands[0]
     ref = reference.selected_attention(q, k, v, idx, valid, None, block_size=8, causal=True, scale=0.25)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @interp
-def test_candidate_launches_never_touch_the_callers_output(monkeypatch):
-    """A benchmarked call (the CUDA path, simulated): every candidate writes scratch buffers; the final
-    launch (the winner) writes the caller's out/lse; the winner is persisted and memoized."""
+def test_selected_forward_tuning_writes_only_scratch_outputs(monkeypatch):
+    """A benchmarked call (the CUDA path, simulated): every candidate launch writes its own scratch out /
+    lse, never the caller's; the tuning runs `_launch_fwd` directly (one config choice per call, no
+    re-entry into the op or into `choose_config`); the final launch (the winner) writes the caller's
+    out / lse; the winner is persisted and memoized."""
     q, k, v, idx, valid = _small_inputs()
-    mod = cache.load_variant(dispatch.select_specs(q, k, idx, block_size=8, causal=True)[0])
-    cands = tuning.fitting_configs(mod.CONFIGS, 16, 4)
+    mod = cache.load_variant(selected.variant_specs(q, k, idx, block_size=8, causal=True)[0])
+    cands = _launch.fitting_configs(mod.CONFIGS, 16, 4)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"))
     seen = []  # per candidate: (caller's out still untouched, caller's lse still untouched)
@@ -472,18 +510,25 @@ def test_candidate_launches_never_touch_the_callers_output(monkeypatch):
 
     monkeypatch.setattr(tuning, "benchmark_blocker", lambda probe: None)
     monkeypatch.setattr(tuning, "default_bench", fake_bench)
-    picked = []
-    real = REAL_CONFIG
-    monkeypatch.setattr(ops, "_config", lambda *a: picked.append(real(*a)) or picked[-1])
+    spy = _LaunchSpy()
+    monkeypatch.setattr(selected, "_launch_fwd", spy)
+    choices = []
+    real_choose = selected.choose_config
+    monkeypatch.setattr(selected, "choose_config", lambda *a, **kw: choices.append(a) or real_choose(*a, **kw))
     kw = dict(block_size=8, causal=True, scale=0.25)
-    got, got_lse = ops.selected_attention_fwd_launch(q, k, v, idx, valid, None, **kw, out=out, lse=lse)
-    assert len(cands) == 6 and seen == [(True, True)] * 6
-    assert got is out and picked[-1] == tuning.split(cands[3])
+    got, got_lse = selected.selected_attention_fwd_launch(q, k, v, idx, valid, None, **kw, out=out, lse=lse)
+    assert len(cands) == 6 and seen == [(True, True)] * 6 and len(choices) == 1
+    assert len(spy.launches) == 7
+    for cfg, o, l in spy.launches[:-1]:  # the candidates: scratch tensors of the caller's shapes
+        assert o is not out and l is not lse and o.shape == out.shape and l.shape == lse.shape
+    assert [cfg for cfg, _, _ in spy.launches[:-1]] == [tuning.split(c) for c in cands]
+    cfg, o, l = spy.launches[-1]
+    assert o is out and l is lse and got is out and got_lse is lse and cfg == tuning.split(cands[3])
     ref = reference.selected_attention(q, k, v, idx, valid, None, **kw)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert not torch.isnan(lse).any()
     key = tuning.make_key(tuning.variant_name(mod), 16, torch.float32, 32, q.device)
     assert read_table()["entries"][str(key)]["config"] == cands[3]
     # warm: a dict lookup, no benchmark
-    ops.selected_attention_fwd_launch(q, k, v, idx, valid, None, **kw)
-    assert len(seen) == 6 and picked[-1] == tuning.split(cands[3])
+    selected.selected_attention_fwd_launch(q, k, v, idx, valid, None, **kw)
+    assert len(seen) == 6 and len(spy.launches) == 8 and spy.launches[-1][0] == tuning.split(cands[3])
