@@ -257,27 +257,8 @@ class SparseAttention(nn.Module):
         reference) and records the path it took in `last_paths`."""
         return dict(use_kernels=bool(self.use_triton_kernel), paths=self.last_paths)
 
-    def _reference_only(self, x: Tensor, branch: str) -> bool:
-        """Whether `branch` calls the reference function itself: where the op would run the reference
-        anyway (not CUDA, or `use_triton_kernel` off) and the op's argument checks refuse the inputs (they
-        admit the kernels' dtypes and head dims only; the reference takes any float dtype, e.g. float64,
-        and any even head dim). Recorded in `last_paths` as the op would."""
-        from .kernels.checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE
-
-        d = self.dim_head
-        if (self.use_triton_kernel and x.is_cuda) or (
-                x.dtype in FLOAT_DTYPES and HEAD_DIM_MIN <= d <= HEAD_DIM_MAX and d % HEAD_DIM_MULTIPLE == 0):
-            return False
-        self.last_paths[branch] = "reference"
-        return True
-
     def _compressed_branch(self, q: Tensor, ck_all: Tensor, cv_all: Tensor, query_offset: int = 0) -> Tensor:
         """Spec 2 over [memory; compressed] keys and values."""
-        if self._reference_only(q, "compressed"):
-            return reference.compressed_attention(
-                q, ck_all, cv_all, num_mem=self.num_mem_compress_kv, block_size=self.compress_block_size,
-                stride=self.compress_block_sliding_stride, causal=self.causal, scale=self.scale,
-                query_offset=query_offset)[0]
         from .kernels import compressed as compressed_ops  # Triton loads on first use, not on import
 
         out, _ = compressed_ops.compressed_attention(
@@ -300,8 +281,6 @@ class SparseAttention(nn.Module):
                   num_selected=self.num_selected_blocks, causal=self.causal,
                   share=self.query_heads_share_selected_kv, scale=self.scale,
                   interpolated=self.interpolated_importance_score, query_offset=query_offset)
-        if self._reference_only(q, "topk"):
-            return reference.select_topk(q, ck_all, **kw)
         from .kernels import topk as topk_ops
 
         return topk_ops.select_topk(q, ck_all, **kw, **self._op_kwargs())
@@ -321,8 +300,6 @@ class SparseAttention(nn.Module):
             gates = reference.diff_topk_gates(values)  # forward value 1, gradient to the scores
         kw = dict(block_size=self.selection_block_size, causal=self.causal, scale=self.scale,
                   query_offset=query_offset)
-        if self._reference_only(rq, "selected"):
-            return reference.selected_attention(rq, rk, v, idx, valid, gates, **kw)
         from .kernels import selected as selected_ops
 
         return selected_ops.selected_attention(rq, rk, v, idx, valid, gates, **kw, **self._op_kwargs())
@@ -330,8 +307,6 @@ class SparseAttention(nn.Module):
     def _sliding_branch(self, rq: Tensor, rk: Tensor, v: Tensor, query_offset: int = 0) -> Tensor:
         """Spec 6."""
         kw = dict(window=self.sliding_window_size, causal=self.causal, scale=self.scale, query_offset=query_offset)
-        if self._reference_only(rq, "sliding"):
-            return reference.sliding_window_attention(rq, rk, v, **kw)
         from .kernels import window as window_ops
 
         return window_ops.sliding_window_attention(rq, rk, v, **kw, **self._op_kwargs())

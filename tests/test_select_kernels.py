@@ -314,7 +314,8 @@ def _valid_args(**over):
          ["head dim d=512"]),
         (dict(block_valid=torch.ones(1, 8, 2, 2, dtype=torch.uint8)), TypeError, ["block_valid", "torch.bool"]),
         (dict(gates=torch.ones(1, 8, 2, 3)), ValueError, ["gates shape"]),
-        (dict(q=torch.randn(1, 8, 4, 64).to(torch.float64)), TypeError, ["q dtype", "float16, bfloat16, float32"]),
+        (dict(q=torch.randn(1, 8, 4, 64).double(), k=torch.randn(1, 8, 2, 64).double(),
+              v=torch.randn(1, 8, 2, 64).double()), TypeError, ["q dtype", "float16, bfloat16, float32"]),
         (dict(k=torch.randn(1, 8, 2, 64).half()), TypeError, ["q, k, v must share one dtype"]),
         (dict(block_size=0), ValueError, ["block_size"]),
         (dict(block_idx=torch.zeros(1, 8, 2, 2, dtype=torch.int64, device="meta")), ValueError, ["one device"]),
@@ -322,14 +323,22 @@ def _valid_args(**over):
     ids=["heads", "idx-int16", "idx-float", "sel-heads", "last-dim", "head-dim-12", "head-dim-512", "valid-dtype",
          "gates-shape", "fp64", "mixed-dtype", "block-size", "device"],
 )
-def test_validation_errors_before_launch(over, exc, words):
+def test_validation_errors_before_launch(request, over, exc, words):
     args = _valid_args(**over)
+    sel = (args["q"], args["k"], args["v"], args["block_idx"], args["block_valid"], args["gates"])
+    kw = dict(block_size=args["block_size"], causal=args["causal"], scale=args["scale"])
+    kernel_only = request.node.callspec.id in KERNEL_ONLY
     for fn in (selected.selected_attention_fwd_launch, selected.selected_attention):
+        if kernel_only and fn is selected.selected_attention:  # CPU: the reference takes these inputs
+            torch.testing.assert_close(fn(*sel, **kw), reference.selected_attention(*sel, **kw), rtol=0, atol=0)
+            continue
         with pytest.raises(exc) as info:
-            fn(args["q"], args["k"], args["v"], args["block_idx"], args["block_valid"], args["gates"],
-               block_size=args["block_size"], causal=args["causal"], scale=args["scale"])
+            fn(*sel, **kw)
         for w in words:
             assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+KERNEL_ONLY = ("last-dim", "head-dim-12", "head-dim-512", "fp64")  # limits of the kernels, not of the reference
 
 
 def test_cpu_public_path_is_the_reference():

@@ -418,7 +418,11 @@ def test_validation_of_tensors():
     with pytest.raises(ValueError, match="multiple of kv heads"):
         topk.select_topk(q[:, :, :3], ck, **kw)
     with pytest.raises(TypeError, match="dtype"):
-        topk.select_topk(q.double(), ck.double(), **kw)
+        topk.select_topk(q.int(), ck.int(), **kw)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 for the Triton kernels"):
+        topk.select_topk_fwd_launch(q.double(), ck.double(), **kw)
+    idx, valid, val = topk.select_topk(q.double(), ck.double(), **kw)  # CPU: the reference takes float64
+    assert val.dtype == torch.float64 and idx.dtype == torch.int32
     with pytest.raises(TypeError, match="share one dtype"):
         topk.select_topk(q, ck.half(), **kw)
     with pytest.raises(ValueError, match="ck shape"):

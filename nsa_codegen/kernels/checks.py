@@ -36,8 +36,17 @@ def require_4d(name: str, t, layout: str = "") -> None:
 
 
 def require_float(name: str, t) -> None:
+    """Any floating dtype: the reference computes in the inputs' dtype."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} dtype must be a floating-point dtype (float16, bfloat16, float32, float64), "
+                        f"got {t.dtype}")
+
+
+def require_kernel_dtype(name: str, t) -> None:
+    """The dtypes the generated kernels take (the reference takes any floating dtype)."""
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} dtype must be one of float16, bfloat16, float32; got {t.dtype}")
+        raise TypeError(f"{name} dtype must be one of float16, bfloat16, float32 for the Triton kernels, got "
+                        f"{t.dtype}; the reference path (CPU, or use_kernels=False) takes any floating dtype")
 
 
 def require_index_dtype(name: str, t) -> None:
@@ -87,8 +96,9 @@ def require_head_dim(d: int) -> None:
     """The dense kernels' head dims: multiples of HEAD_DIM_MULTIPLE in [HEAD_DIM_MIN, HEAD_DIM_MAX]."""
     if not (HEAD_DIM_MIN <= d <= HEAD_DIM_MAX and d % HEAD_DIM_MULTIPLE == 0):
         raise ValueError(
-            f"unsupported head dim d={d}: supported are multiples of {HEAD_DIM_MULTIPLE} in "
-            f"[{HEAD_DIM_MIN}, {HEAD_DIM_MAX}] (e.g. 16, 32, 64, 128, 256)"
+            f"unsupported head dim d={d}: the Triton kernels take multiples of {HEAD_DIM_MULTIPLE} in "
+            f"[{HEAD_DIM_MIN}, {HEAD_DIM_MAX}] (e.g. 16, 32, 64, 128, 256); the reference path (CPU, or "
+            f"use_kernels=False) takes any head dim"
         )
 
 

@@ -147,7 +147,7 @@ def compressed_attention_fwd_launch(q, ck, cv, *, num_mem, block_size, stride, c
     """Launch the forward kernel; returns (out, lse). `config` overrides the tile config
     ({'BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages'}; BLOCK_M >= G)."""
     check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
-    check_launch(q, ck, "nsa_codegen.kernels.compressed.compressed_attention")
+    check_launch(q, ck, "nsa_codegen.kernels.compressed.compressed_attention", cv, "ck", "cv")
     return _fwd(q, ck, cv, num_mem, stride, causal, scale, query_offset, no_wrap, config)
 
 
@@ -155,7 +155,7 @@ def compressed_attention_bwd_launch(q, ck, cv, out, lse, dout, *, num_mem, block
                                     query_offset=0, config=None):
     """Launch the backward kernels; returns (dq, dck, dcv) (memory rows included in dck, dcv)."""
     check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
-    check_launch(q, ck, "nsa_codegen.kernels.compressed.compressed_attention")
+    check_launch(q, ck, "nsa_codegen.kernels.compressed.compressed_attention", cv, "ck", "cv")
     check_saved(q, out, lse, dout)
     return _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset, no_wrap, config)
 
@@ -247,7 +247,7 @@ def compressed_attention(q, ck, cv, *, num_mem, block_size, stride, causal, scal
     if path == "reference":
         out, logits = _reference(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
         return out, (logits if return_logits else None)
-    check_launch(q, ck, "nsa_codegen.kernels.compressed.compressed_attention")
+    check_launch(q, ck, "nsa_codegen.kernels.compressed.compressed_attention", cv, "ck", "cv")
     out, _ = torch.ops.nsa.compressed_attention(q, ck, cv, int(num_mem), int(block_size), int(stride),
                                                 bool(causal), float(scale), int(query_offset))
     logits = None

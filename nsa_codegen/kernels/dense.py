@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ._launch import choose_config, head_group, padded_head_dim, require_launch_device
-from .checks import (require_4d, require_float, require_head_dim, require_heads, require_int32_extent,
+from .checks import (require_4d, require_float, require_head_dim, require_kernel_dtype, require_heads, require_int32_extent,
                      require_last_dim_contiguous, require_same_device, require_same_dtype, require_same_shape,
                      require_tensor)
 
@@ -24,7 +24,6 @@ def check_attention_tensors(q, k, v, k_name: str = "k", v_name: str = "v") -> No
         require_tensor(name, t)
         require_4d(name, t, "b, n, heads, d")
         require_float(name, t)
-        require_last_dim_contiguous(name, t, allow_size_one=True)
     require_same_dtype(**named)
     require_same_device(**named)
     b, _, h, d = q.shape
@@ -34,12 +33,17 @@ def check_attention_tensors(q, k, v, k_name: str = "k", v_name: str = "v") -> No
             f"{k_name}/{v_name} shape {tuple(k.shape)} must be (b, n, K, d) = ({b}, n, K, {d}) to match q"
         )
     require_heads(h, k.shape[2])
-    require_head_dim(d)
 
 
-def check_launch(q, k, public: str) -> None:
-    """What only the kernels (not the reference) need."""
+def check_launch(q, k, public: str, v=None, k_name: str = "k", v_name: str = "v") -> None:
+    """What only the kernels (not the reference) need: the device, the dtypes and head dims they were
+    generated for, contiguous last dims, whole groups in a tile, int32 offsets."""
     require_launch_device(q, public)
+    named = {"q": q, k_name: k} if v is None else {"q": q, k_name: k, v_name: v}
+    for name, t in named.items():
+        require_kernel_dtype(name, t)
+        require_last_dim_contiguous(name, t, allow_size_one=True)
+    require_head_dim(int(q.shape[3]))
     group = head_group(q, k)
     if group > MAX_GROUP:
         raise ValueError(f"G = H // K = {group} query heads per kv head: the kernels support G <= {MAX_GROUP}")

@@ -25,6 +25,7 @@ from . import FAMILIES, _launch
 from ._launch import choose_config, no_wrap, padded_head_dim, pow2, report, require_launch_device, route, split
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE, INDEX_DTYPES  # noqa: F401
 from .checks import (alert_not_deterministic, require_bool, require_float, require_head_dim, require_heads,
+                     require_kernel_dtype,
                      require_index_dtype, require_int32_extent, require_last_dim_contiguous, require_one_device,
                      require_positive_int, require_same_dtype, require_same_shape, require_scale, require_tensors)
 
@@ -41,7 +42,6 @@ def check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, sca
     require_tensors(**named)
     for name in ("q", "k", "v"):
         require_float(name, named[name])
-        require_last_dim_contiguous(name, named[name])
     require_same_dtype(q=q, k=k, v=v)
     require_one_device(named)
     b, n, h, d = q.shape
@@ -50,7 +50,6 @@ def check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, sca
         raise ValueError(f"k/v shape {tuple(k.shape)} must be (b, n, K, d) = ({b}, {n}, K, {d}) to match q")
     kh = k.shape[2]
     require_heads(h, kh)
-    require_head_dim(d)
     require_index_dtype("block_idx", block_idx)
     if block_valid.dtype != torch.bool:
         raise TypeError(f"block_valid dtype must be torch.bool, got {block_valid.dtype}")
@@ -72,7 +71,12 @@ def check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, sca
 
 
 def _check_kernel_limits(q, k, v, block_idx) -> None:
-    """What only the kernels (not the reference) need beyond the device."""
+    """What only the kernels (not the reference) need beyond the device: the dtypes and head dims they
+    were generated for, contiguous last dims, int32 offsets."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_kernel_dtype(name, t)
+        require_last_dim_contiguous(name, t)
+    require_head_dim(int(q.shape[3]))
     require_int32_extent("selected-attention", q=q, k=k, v=v, block_idx=block_idx)
 
 

@@ -36,6 +36,7 @@ from . import FAMILIES
 from ._launch import choose_config, head_group, no_wrap, padded_head_dim, pow2, report, require_launch_device, route
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX  # noqa: F401
 from .checks import (alert_not_deterministic, is_int, require_4d, require_bool, require_float, require_heads,
+                     require_kernel_dtype,
                      require_int, require_positive_int, require_same_device, require_same_dtype, require_scale,
                      require_tensor)
 
@@ -61,8 +62,6 @@ def check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_si
     require_heads(H, K, note="ck.shape[2]")
     if n < 1:
         raise ValueError(f"q must hold at least one token (n >= 1), got n={n}")
-    if not 1 <= d <= HEAD_DIM_MAX:
-        raise ValueError(f"unsupported head dim d={d}: supported are 1..{HEAD_DIM_MAX}")
     if not is_int(num_mem) or not 0 <= num_mem <= ck.shape[1]:
         raise ValueError(f"num_mem must be an int in [0, ck.shape[1] = {ck.shape[1]}], got {num_mem!r}")
     require_positive_int("stride", stride)
@@ -95,6 +94,16 @@ def selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, 
     kk = min(num_selected, U) if (num_selected > 0 and C > 0) else 0
     return dict(b=b, n=n, H=H, d=d, K=K, M=num_mem, C=C, G=G, Hs=K if share else H, mapping=mapping, R=R,
                 U=U, kk=kk)
+
+
+def _check_kernel_limits(q, ck) -> None:
+    """What only the kernels (not the reference) need: the dtypes and head dims they were generated for."""
+    for name, t in (("q", q), ("ck", ck)):
+        require_kernel_dtype(name, t)
+    d = int(q.shape[3])
+    if d > HEAD_DIM_MAX:
+        raise ValueError(f"unsupported head dim d={d}: the Triton kernels take 1..{HEAD_DIM_MAX}; the reference "
+                         f"path (CPU, or use_kernels=False) takes any head dim")
 
 
 def _check_kernel_mapping(info: dict) -> None:
@@ -191,6 +200,7 @@ def select_topk_fwd_launch(q, ck, *, num_mem, compress_block_size, stride, selec
                         share, scale, False, query_offset)
     _check_kernel_mapping(info)
     require_launch_device(q, "nsa_codegen.kernels.topk.select_topk")
+    _check_kernel_limits(q, ck)
     return _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset, no_wrap, config)
 
 
@@ -201,6 +211,7 @@ def select_topk_bwd_launch(q, ck, block_idx, values, lse, grad_values, *, num_me
                         share, scale, False, query_offset)
     _check_kernel_mapping(info)
     require_launch_device(q, "nsa_codegen.kernels.topk.select_topk")
+    _check_kernel_limits(q, ck)
     shape = (info["b"], info["n"], info["Hs"], info["kk"])
     for name, t in (("block_idx", block_idx), ("values", values), ("grad_values", grad_values)):
         if tuple(t.shape) != shape:
@@ -355,6 +366,7 @@ def select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_
             selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
             scale=scale, interpolated=interpolated, query_offset=query_offset)
         return idx.to(torch.int32), valid, val
+    _check_kernel_limits(q, ck)
     val, _, idx, valid = torch.ops.nsa.select_topk(q, ck, num_mem, compress_block_size, stride, selection_block_size,
                                                     num_selected, causal, share, float(scale), query_offset)
     return idx, valid, val

@@ -102,14 +102,14 @@ def sliding_window_fwd_launch(q, k, v, *, window, causal, scale, query_offset=0,
     """Launch the forward kernel; returns (out, lse). `config` overrides the tile config
     ({'BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages'}; BLOCK_M >= G)."""
     check_inputs(q, k, v, window, causal, scale, query_offset)
-    check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention")
+    check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention", v)
     return _fwd(q, k, v, window, causal, scale, query_offset, no_wrap, config)
 
 
 def sliding_window_bwd_launch(q, k, v, out, lse, dout, *, window, causal, scale, query_offset=0, config=None):
     """Launch the backward kernels; returns (dq, dk, dv)."""
     check_inputs(q, k, v, window, causal, scale, query_offset)
-    check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention")
+    check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention", v)
     check_saved(q, out, lse, dout)
     return _bwd(q, k, v, out, lse, dout, window, causal, scale, query_offset, no_wrap, config)
 
@@ -196,7 +196,7 @@ def sliding_window_attention(q, k, v, *, window, causal, scale, query_offset=0, 
 
         return reference.sliding_window_attention(q, k, v, window=window, causal=causal, scale=scale,
                                                   query_offset=query_offset, chunk_size=chunk_size)
-    check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention")
+    check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention", v)
     out, _ = torch.ops.nsa.sliding_window_attention(q, k, v, int(window), bool(causal), float(scale),
                                                     int(query_offset))
     return out
