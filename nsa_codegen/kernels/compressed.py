@@ -22,7 +22,7 @@ import torch
 import triton
 
 from ..codegen import cache
-from . import FAMILIES
+from . import FAMILIES, dense
 from ._launch import head_group, no_wrap, report, route
 from .checks import require_bool, require_int, require_scale
 from .dense import check_attention_tensors, check_launch, check_saved, launch_config, tuned_launch_config
@@ -58,22 +58,8 @@ def variant_specs(q, ck, causal: bool):
 
 
 def _fwd(q, ck, cv, num_mem, stride, causal, scale, query_offset, wrap, config=None):
-    b, nq, h, d = q.shape
-    nkv, kh = ck.shape[1], ck.shape[2]
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, nq, h), device=q.device, dtype=torch.float32)
-    if nq == 0 or b == 0:
-        return out, lse
-    module = cache.load_variant(variant_specs(q, ck, causal)[0])
-    constexprs, launch = launch_config(module, d, q.dtype, config)
-    grid = (triton.cdiv(nq, constexprs["BLOCK_M"] // module.GROUP), b * kh)
-    wrap(module.kernel)[grid](
-        q, ck, cv, out, lse,
-        *q.stride()[:3], *ck.stride()[:3], *cv.stride()[:3], *out.stride()[:3], *lse.stride(),
-        nq, nkv, int(query_offset), kh, int(num_mem), int(stride), float(scale),
-        **constexprs, **launch,
-    )
-    return out, lse
+    return dense.forward(variant_specs(q, ck, causal)[0], wrap, q, ck, cv, (num_mem, stride), scale, query_offset,
+                         config)
 
 
 def _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset, wrap, config=None):

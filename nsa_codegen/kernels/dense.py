@@ -8,6 +8,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
+
+from ..codegen import cache
 
 from ._launch import choose_config, head_group, padded_head_dim, require_launch_device
 from .checks import (require_4d, require_float, require_head_dim, require_kernel_dtype, require_heads, require_int32_extent,
@@ -88,3 +91,24 @@ def check_saved(q, out, lse, dout) -> None:
     if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
 
+
+def forward(spec, wrap, q, k, v, rule_args: tuple, scale, query_offset, config=None):
+    """The forward launch of a dense family: (out, lse). The kernel's scalars are (n_q, n_k, query offset,
+    K, *rule_args, scale); `rule_args` are the family's visibility parameters (the window; num_mem and
+    stride)."""
+    b, nq, h, d = q.shape
+    nk, kh = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, nq, h), device=q.device, dtype=torch.float32)
+    if nq == 0 or b == 0:
+        return out, lse
+    module = cache.load_variant(spec)
+    constexprs, launch = launch_config(module, d, q.dtype, config)
+    grid = (triton.cdiv(nq, constexprs["BLOCK_M"] // module.GROUP), b * kh)
+    wrap(module.kernel)[grid](
+        q, k, v, out, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride(),
+        nq, nk, int(query_offset), kh, *(int(a) for a in rule_args), float(scale),
+        **constexprs, **launch,
+    )
+    return out, lse

@@ -25,6 +25,7 @@ from . import FAMILIES
 from ._launch import head_group, no_wrap, report, route
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE  # noqa: F401
 from .checks import require_bool, require_int, require_scale
+from . import dense
 from .dense import check_attention_tensors, check_launch, check_saved, launch_config
 
 
@@ -43,22 +44,7 @@ def variant_specs(q, k, causal: bool):
 
 
 def _fwd(q, k, v, window, causal, scale, query_offset, wrap, config=None):
-    b, nq, h, d = q.shape
-    nk, kh = k.shape[1], k.shape[2]
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, nq, h), device=q.device, dtype=torch.float32)
-    if nq == 0 or b == 0:
-        return out, lse
-    module = cache.load_variant(variant_specs(q, k, causal)[0])
-    constexprs, launch = launch_config(module, d, q.dtype, config)
-    grid = (triton.cdiv(nq, constexprs["BLOCK_M"] // module.GROUP), b * kh)
-    wrap(module.kernel)[grid](
-        q, k, v, out, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride(),
-        nq, nk, int(query_offset), kh, int(window), float(scale),
-        **constexprs, **launch,
-    )
-    return out, lse
+    return dense.forward(variant_specs(q, k, causal)[0], wrap, q, k, v, (window,), scale, query_offset, config)
 
 
 def _bwd(q, k, v, out, lse, dout, window, causal, scale, query_offset, wrap, config=None):
