@@ -1,10 +1,14 @@
 """nsa_codegen: Native Sparse Attention as generated Triton kernels, with a drop-in module.
 
-Importing the package is light: it loads PyTorch and the pure-PyTorch reference only; Triton and the
-generated kernels are imported on first CUDA use (`nsa_codegen.kernels.selected`).
+Importing the package registers every family's `torch.library` ops (`torch.ops.nsa.*`); the generated
+kernels themselves are loaded on first use (`nsa_codegen.codegen.cache`).
 """
-from .module import DecodeCache, SparseAttention
+from .kernels import FAMILIES as _FAMILIES
 from .model import Transformer
+from .module import DecodeCache, SparseAttention
+
+for _family in _FAMILIES.values():
+    _family.module()  # defines and registers the family's ops
 
 __all__ = ["SparseAttention", "DecodeCache", "Transformer"]
 __version__ = "0.1.0"

@@ -383,6 +383,13 @@ class SparseAttention(nn.Module):
         if not inp.is_floating_point():
             raise ValueError(f"inp dtype must be floating point (float32, float16, bfloat16, ...), "
                              f"got {inp.dtype}")
+        weight = self.to_qkv.weight
+        if inp.dtype != weight.dtype and not torch.is_autocast_enabled(inp.device.type):
+            raise ValueError(f"inp dtype {inp.dtype} differs from the module's parameters ({weight.dtype}): "
+                             f"convert one to the other (module.to({inp.dtype}) or inp.to({weight.dtype})), "
+                             f"or run under torch.autocast")
+        if inp.device != weight.device:
+            raise ValueError(f"inp is on {inp.device} but the module's parameters are on {weight.device}")
 
     def _check_cache(self, inp: Tensor, cache):
         if not isinstance(cache, DecodeCache):
@@ -402,4 +409,9 @@ class SparseAttention(nn.Module):
             if got != shape:
                 raise ValueError(f"cache.{name} has shape {got}, expected {shape} for this module "
                                  f"and batch {b} (was the cache made by another module or batch?)")
+        for name in expected:
+            t = getattr(cache, name)
+            if t.device != inp.device or (t.dtype != inp.dtype and not torch.is_autocast_enabled(inp.device.type)):
+                raise ValueError(f"cache.{name} is {t.dtype} on {t.device}, but inp is {inp.dtype} on {inp.device}: "
+                                 f"a cache must come from this module at the input's dtype and device")
 

@@ -532,3 +532,31 @@ def test_cuda_selected_branch_runs_triton(share):
         ref = attn(x)
     assert attn.last_paths["selected"] == "reference"
     torch.testing.assert_close(out.detach(), ref, atol=1e-2, rtol=1e-2)
+
+
+def _small_module(**over):
+    kw = dict(dim=64, dim_head=16, heads=4, kv_heads=2, causal=True, sliding_window_size=8, compress_block_size=8,
+              compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=2)
+    return SparseAttention(**{**kw, **over})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_input_dtype_other_than_the_parameters_is_named(dtype):
+    attn = _small_module()
+    with pytest.raises(ValueError, match=f"inp dtype {dtype} differs from the module's parameters"):
+        attn(torch.randn(1, 20, 64).to(dtype))
+
+
+def test_autocast_input_is_not_a_dtype_mismatch():
+    attn = _small_module()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(torch.randn(1, 20, 64))
+    assert out.shape == (1, 20, 64)
+
+
+def test_cache_of_another_dtype_is_named():
+    attn = _small_module()
+    _, cache = attn(torch.randn(1, 20, 64), return_cache=True)
+    cache64 = type(cache)(*(t.double() for t in cache))
+    with pytest.raises(ValueError, match="cache.k is torch.float64"):
+        attn(torch.randn(1, 1, 64), cache=cache64)
