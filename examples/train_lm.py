@@ -26,6 +26,38 @@ A real size on one GPU, 8k-token sequences, bf16 autocast (NSA on the generated 
 
 (The stdlib is about 31 MB of text: 2000 steps x 4 x 8192 tokens is about one epoch.)
 
+Data-parallel on several GPUs with torch.distributed: launch one process per GPU with torchrun and
+pass `--ddp` (DistributedDataParallel) or `--fsdp` (FSDP2: `fully_shard` on every block, then on the
+whole model). The 8k size above on 2 GPUs of one machine, 4 sequences per GPU:
+
+    torchrun --standalone --nproc-per-node 2 examples/train_lm.py --ddp --device cuda --bf16 \\
+        --seq-len 8192 --batch 8 --dim 512 --depth 8 --heads 8 --kv-heads 2 --dim-head 64 \\
+        --window 512 --compress-block 32 --compress-stride 16 --select-block 64 --num-selected 16 \\
+        --steps 2000 --lr 6e-4 --eval-every 200 --attn both --out runs/lm8k_ddp2
+
+`--batch` is the global batch: every process draws the same window starts from the seeded generator
+and keeps its own contiguous share (`batch / world size` sequences, so the world size must divide
+it); DDP averages the gradients, so a step equals a single-process step on the whole batch, and the
+logged losses equal (to rounding) those of `python examples/train_lm.py --batch 8 ...` on one
+device. The backend is NCCL on CUDA (one GPU per process, `cuda:$LOCAL_RANK`; NCCL_NVLS_ENABLE=0 is
+set, keeping NVLink multicast off, unless already in the environment) and gloo on the CPU
+(`--device cpu`, to try it without GPUs). Only rank 0 prints and writes the checkpoints, curves and
+samples; the held-out loss is computed by all processes on their share of each batch and averaged;
+tok/s is the global rate (the whole batch's tokens per second of wall time).
+
+Scaling measurement (tok/s on 1 and on 2 GPUs, the same 4 sequences per GPU, NSA only, 100 steps
+without evaluation until the end; compare the last progress line's tok/s, since the first interval
+includes the Triton compilation; ideal is 2x):
+
+    ARGS="--device cuda --bf16 --seq-len 8192 --dim 512 --depth 8 --heads 8 --kv-heads 2 --dim-head 64 \\
+        --window 512 --compress-block 32 --compress-stride 16 --select-block 64 --num-selected 16 \\
+        --lr 6e-4 --attn nsa --steps 100 --log-every 20 --eval-every 1000 --sample-tokens 16"
+    torchrun --standalone --nproc-per-node 1 examples/train_lm.py --ddp $ARGS --batch 4 --out runs/scale1
+    torchrun --standalone --nproc-per-node 2 examples/train_lm.py --ddp $ARGS --batch 8 --out runs/scale2
+
+(`--batch 4` on both is the fixed-global-batch comparison instead: the same losses, 2 sequences per
+GPU on two.)
+
 The two variants differ only in the attention core, and that core gives NSA more parameters: each
 NSA layer adds two compression MLPs of `(l * d) x (expand * l * d)` and `(expand * l * d) x d`
 weights (at the toy size 1.52M parameters against dense's 0.39M; at the 8k size above 91.6M against
@@ -35,14 +67,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
+import os
 import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 try:
@@ -89,12 +125,108 @@ def load_corpus(max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tenso
     return as_tensor(train), as_tensor(held_out), n_train, n_held_out
 
 
-def get_batch(data: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator, device):
-    """`batch` random windows of seq_len + 1 bytes: inputs and next-byte targets (b, seq_len) long."""
+def get_batch(data: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator, device,
+              rank: int = 0, world_size: int = 1):
+    """`batch` random windows of seq_len + 1 bytes: inputs and next-byte targets (b, seq_len) long.
+
+    Data-parallel: every process draws all `batch` starts (so the generators stay in step) and keeps
+    the contiguous share `rank * b : (rank + 1) * b`, b = batch / world_size; the shares of all
+    processes are exactly the batch one process would draw."""
     starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=generator)
+    share = batch // world_size
+    starts = starts[rank * share:(rank + 1) * share]
     rows = torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()]).long()
     rows = rows.to(device, non_blocking=True)
     return rows[:, :-1], rows[:, 1:]
+
+
+# --------------------------------------------------------------------------------------------------
+# data parallelism (torchrun + torch.distributed)
+
+
+class World(NamedTuple):
+    """This process's place among the data-parallel processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    mode: str | None = None          # "ddp", "fsdp", or None (a single process, no process group)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init_distributed(args) -> World:
+    """With --ddp / --fsdp: join the process group torchrun describes in the environment (env://).
+    NCCL with one GPU per process on CUDA, gloo on the CPU. Without them: a single process."""
+    mode = "ddp" if args.ddp else "fsdp" if args.fsdp else None
+    if mode is None:
+        return World()
+    rank, size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if args.device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"--{mode}: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA "
+                             f"device(s) visible: start at most that many processes per node")
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+        # NVLink multicast (NVLS) stays off on the machines this runs on; a value the user set wins.
+        # NCCL reads it when the communicator is created, so it must be set before init.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        dist.init_process_group("nccl", init_method="env://", device_id=torch.device(args.device))
+    else:
+        dist.init_process_group("gloo", init_method="env://")
+    assert dist.get_rank() == rank and dist.get_world_size() == size
+    return World(rank=rank, size=size, mode=mode)
+
+
+def wrap_model(model: torch.nn.Module, world: World, args) -> torch.nn.Module:
+    """DDP around the model, or FSDP2: every block its own `fully_shard` unit, then the root (the
+    embedding, tied head and final norm). Same init on every rank: seeded before construction."""
+    if world.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        device = torch.device(args.device)
+        # the only buffers are rotary frequencies computed at construction, equal on every rank: no
+        # need to broadcast them before every forward (newer PyTorch names the switch
+        # forward_sync_buffers and warns about the old broadcast_buffers)
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       **{no_sync: False})
+    if world.mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(torch.device(args.device).type, (world.size,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The Transformer inside DDP (FSDP2 modifies the module in place and keeps its attributes)."""
+    return getattr(model, "module", model)
+
+
+def full_state_dict(model: torch.nn.Module, world: World) -> dict:
+    """The whole model's state dict, as a single process would save it; with FSDP2 the shards are
+    gathered (a collective: every rank calls it) and only rank 0 receives them, on the CPU."""
+    if world.mode != "fsdp":
+        return unwrapped(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def global_mean(value: torch.Tensor, world: World) -> float:
+    """The mean of `value` over the processes (each holds the mean of an equal share of the batch,
+    so this is the whole batch's mean). A collective: every rank calls it."""
+    if world.size > 1:
+        value = value.detach().float().clone()
+        dist.all_reduce(value)               # SUM: gloo has no AVG
+        value /= world.size
+    return float(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,14 +254,19 @@ def lm_loss(model, x, y, args) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_loss(model, data, args) -> float:
-    """Mean loss over `--eval-batches` fixed batches (the same windows at every evaluation)."""
+def held_out_loss(model, data, args, world: World = World()) -> float:
+    """Mean loss over `--eval-batches` fixed batches (the same windows at every evaluation).
+    Data-parallel: each process evaluates its share of every batch and the means are averaged."""
+    # DDP's forward would prepare gradient synchronization: evaluate the module inside it (FSDP2
+    # must run its own forward, which gathers the sharded parameters on every rank)
+    model = unwrapped(model)
     model.eval()
     gen = torch.Generator().manual_seed(args.seed + 1)
-    losses = [lm_loss(model, *get_batch(data, args.batch, args.seq_len, gen, args.device), args).item()
+    losses = [lm_loss(model, *get_batch(data, args.batch, args.seq_len, gen, args.device, world.rank,
+                                        world.size), args)
               for _ in range(args.eval_batches)]
     model.train()
-    return sum(losses) / len(losses)
+    return global_mean(torch.stack(losses).mean(), world)
 
 
 def learning_rate(step: int, args) -> float:
@@ -141,13 +278,19 @@ def learning_rate(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_one(attn: str, args, train_data, held_out_data, out_dir: Path) -> dict:
-    torch.manual_seed(args.seed)
+def train_one(attn: str, args, train_data, held_out_data, out_dir: Path, world: World = World()) -> dict:
+    log = print if world.is_main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)                    # the same initial weights on every rank
     model = Transformer(**model_config(args, attn)).to(args.device)
+    config = model.config
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"[{attn}] {n_params / 1e6:.2f}M parameters, seq {args.seq_len}, batch {args.batch}, "
-          f"{args.steps} steps on {args.device}{' (bf16 autocast)' if args.bf16 else ''}"
-          f"{f', {torch.get_num_threads()} CPU thread(s)' if args.device == 'cpu' else ''}", flush=True)
+    parallel = (f" ({world.mode.upper()} on {world.size} processes, {args.batch // world.size} sequences "
+                f"each)" if world.mode else "")
+    log(f"[{attn}] {n_params / 1e6:.2f}M parameters, seq {args.seq_len}, batch {args.batch}{parallel}, "
+        f"{args.steps} steps on {args.device}{' (bf16 autocast)' if args.bf16 else ''}"
+        f"{f', {torch.get_num_threads()} CPU thread(s)' if args.device == 'cpu' else ''}", flush=True)
+    model = wrap_model(model, world, args)
+    # after wrapping: FSDP2 replaces the parameters with their shards (DTensors)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             betas=(0.9, 0.95), weight_decay=0.1)
     # the same batches, in the same order, for every attention kind
@@ -160,10 +303,12 @@ def train_one(attn: str, args, train_data, held_out_data, out_dir: Path) -> dict
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args)
-        x, y = get_batch(train_data, args.batch, args.seq_len, batch_gen, args.device)
+        x, y = get_batch(train_data, args.batch, args.seq_len, batch_gen, args.device, world.rank, world.size)
         loss = lm_loss(model, x, y, args)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()                      # DDP / FSDP2 average the gradients over the processes
+        # the gradients are the global ones here, so the norm (and the clipping) is the same on
+        # every rank (FSDP2: the norm of the sharded gradients is reduced over the mesh)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         interval_loss += loss.detach()
@@ -171,31 +316,35 @@ def train_one(attn: str, args, train_data, held_out_data, out_dir: Path) -> dict
 
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
-            mean = float(interval_loss) / interval_steps          # float() waits for the device
+            # float() waits for the device; the mean over the processes is the whole batch's loss
+            mean = global_mean(interval_loss, world) / interval_steps
             elapsed = time.perf_counter() - interval_start
             train_time += elapsed
             last_train = mean
             curve["train"].append([done, mean])
-            print(f"[{attn}] step {done:>6}/{args.steps}  loss {mean:.4f}  "
+            # tokens_per_step is the global batch's: the rate of all processes together
+            log(f"[{attn}] step {done:>6}/{args.steps}  loss {mean:.4f}  "
                   f"{interval_steps * tokens_per_step / elapsed:,.0f} tok/s  "
                   f"{1e3 * elapsed / interval_steps:.0f} ms/step  lr {learning_rate(step, args):.2e}",
                   flush=True)
             interval_loss, interval_steps = 0.0, 0
             interval_start = time.perf_counter()
         if done % args.eval_every == 0 or done == args.steps:
-            val = held_out_loss(model, held_out_data, args)
+            val = held_out_loss(model, held_out_data, args, world)
             curve["held_out"].append([done, val])
-            print(f"[{attn}] step {done:>6}  held-out loss {val:.4f}", flush=True)
+            log(f"[{attn}] step {done:>6}  held-out loss {val:.4f}", flush=True)
             interval_start = time.perf_counter()                 # evaluation is not training time
 
     result = dict(attn=attn, params=n_params, train_loss=last_train, held_out_loss=curve["held_out"][-1][1],
                   ms_per_step=1e3 * train_time / args.steps,
-                  tokens_per_s=args.steps * tokens_per_step / train_time, curve=curve)
-    path = out_dir / f"{attn}.pt"
-    torch.save({"config": model.config, "state_dict": model.state_dict(), "steps": args.steps,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "result": result}, path)
-    print(f"[{attn}] checkpoint: {path}", flush=True)
+                  tokens_per_s=args.steps * tokens_per_step / train_time, world_size=world.size, curve=curve)
+    state_dict = full_state_dict(model, world)      # every rank takes part (FSDP2 gathers the shards)
+    if world.is_main:
+        path = out_dir / f"{attn}.pt"
+        torch.save({"config": config, "state_dict": state_dict, "steps": args.steps,
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "result": result}, path)
+        print(f"[{attn}] checkpoint: {path}", flush=True)
     return result
 
 
@@ -309,6 +458,13 @@ def parse_args(argv=None):
                    help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=32,
                    help="sample among the k most likely bytes")
+    parallel = p.add_mutually_exclusive_group()
+    parallel.add_argument("--ddp", action="store_true",
+                          help="data-parallel with DistributedDataParallel; launch with torchrun (one "
+                               "process per GPU, NCCL; gloo with --device cpu); --batch is the global batch")
+    parallel.add_argument("--fsdp", action="store_true",
+                          help="data-parallel with FSDP2 (fully_shard per block and on the model: "
+                               "parameters, gradients and optimizer state sharded); launch like --ddp")
     args = p.parse_args(argv)
     if args.threads < 0:
         p.error(f"--threads must be >= 0 (0: PyTorch's default), got {args.threads}")
@@ -319,6 +475,16 @@ def parse_args(argv=None):
         p.error("--device cuda: no CUDA device is available (use --device cpu)")
     if not args.prompt:
         p.error("--prompt must not be empty")
+    if args.ddp or args.fsdp:
+        flag = "--ddp" if args.ddp else "--fsdp"
+        missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+        if missing:
+            p.error(f"{flag}: launch with torchrun, e.g. `torchrun --standalone --nproc-per-node 2 "
+                    f"examples/train_lm.py {flag} ...` (missing environment: {', '.join(missing)})")
+        world_size = int(os.environ["WORLD_SIZE"])
+        if args.batch % world_size:
+            p.error(f"{flag}: --batch {args.batch} (the global batch) must be divisible by the number of "
+                    f"processes, {world_size}")
     return args
 
 
@@ -334,17 +500,30 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    args.out.mkdir(parents=True, exist_ok=True)
+    world = init_distributed(args)
+    try:
+        return train_and_report(args, world)
+    finally:
+        if world.mode:
+            dist.destroy_process_group()
+
+
+def train_and_report(args, world: World) -> int:
+    # every rank reads the corpus (the same bytes) and trains; rank 0 alone writes and prints
     train_data, held_out_data, n_train, n_held_out = load_corpus(args.max_bytes)
     if min(train_data.numel(), held_out_data.numel()) <= args.seq_len + 1:
         raise SystemExit(f"the corpus is too small for --seq-len {args.seq_len} (train "
                          f"{train_data.numel()} bytes, held-out {held_out_data.numel()}): raise --max-bytes")
-    print(f"corpus: {sysconfig.get_paths()['stdlib']} *.py, train {n_train} files / "
-          f"{train_data.numel() / 1e6:.1f} MB, held-out {n_held_out} files / "
-          f"{held_out_data.numel() / 1e6:.2f} MB", flush=True)
+    if world.is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(f"corpus: {sysconfig.get_paths()['stdlib']} *.py, train {n_train} files / "
+              f"{train_data.numel() / 1e6:.1f} MB, held-out {n_held_out} files / "
+              f"{held_out_data.numel() / 1e6:.2f} MB", flush=True)
 
     kinds = ("nsa", "dense") if args.attn == "both" else (args.attn,)
-    results = {kind: train_one(kind, args, train_data, held_out_data, args.out) for kind in kinds}
+    results = {kind: train_one(kind, args, train_data, held_out_data, args.out, world) for kind in kinds}
+    if not world.is_main:
+        return 0
     write_curves(results, args.out)
 
     for kind in kinds:
