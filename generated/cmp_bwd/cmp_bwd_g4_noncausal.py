@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g4_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "cmp_bwd", "group": 4}
-# template_sha256: 41260579f51d89a7a05a0a57f16ca8fa060f5a06124b14b73c91f21576085aae
+# template_sha256: 0291ac0428124ad069c07899c03e9e9473b15d5645b83c5b16adbe59b64264ea
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -104,11 +104,12 @@ def dkdv_kernel(
         tok = start_t + rows // 4
         head = kvh * 4 + rows % 4
         row_ok = (tok < N_Q)
+        row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
+        do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
+
         rq_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=rq_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
-                     mask=rq_mask, other=0.0)
+        q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
         lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
         lse2 = lse * 1.4426950408889634
         delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
@@ -153,11 +154,12 @@ def dq_kernel(
     tok = t0 + rows // 4
     head = kvh * 4 + rows % 4
     row_ok = (tok < N_Q)
+    row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
+    do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
+
     rq_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=rq_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
-                 mask=rq_mask, other=0.0)
+    q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
     lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
     lse2 = lse * 1.4426950408889634
     delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
@@ -182,7 +184,6 @@ def dq_kernel(
         delta_acc += tl.sum(p * dp, 1)
         pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
-    # the last partial tile
     for start_n in range(full_hi, N_KV, BLOCK_N):
         key = start_n + offs_n
         col_ok = key < N_KV
@@ -200,5 +201,5 @@ def dq_kernel(
 
     dq = (dq - (delta_acc - delta)[:, None] * pk) * tl.cast(scale, tl.float32)
     tl.store(DELTA_OUT + b * stride_lb + tok * stride_ln + head * stride_lh, delta_acc, mask=row_ok)
-    tl.store(DQ + b * stride_dqb + tok[:, None] * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=rq_mask)
+    dq_off = tok[:, None] * stride_dqn + head[:, None] * stride_dqh
+    tl.store(DQ + b * stride_dqb + dq_off + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rq_mask)

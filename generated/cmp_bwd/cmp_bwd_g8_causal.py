@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g8_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_bwd", "group": 8}
-# template_sha256: 41260579f51d89a7a05a0a57f16ca8fa060f5a06124b14b73c91f21576085aae
+# template_sha256: 0291ac0428124ad069c07899c03e9e9473b15d5645b83c5b16adbe59b64264ea
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -114,21 +114,19 @@ def dkdv_kernel(
         tok = start_t + rows // 8
         head = kvh * 8 + rows % 8
         row_ok = (tok < N_Q)
+        row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
+        do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
+        p_last = Q_OFF + tl.minimum(start_t + TOKENS, N_Q) - 1
+        pos = tl.minimum(Q_OFF + tok, p_last)
+
         rq_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=rq_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
-                     mask=rq_mask, other=0.0)
+        q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
         lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
         lse2 = lse * 1.4426950408889634
         delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-        # query positions; padding rows repeat the tile's last real position
-        p_last = Q_OFF + tl.minimum(start_t + TOKENS, N_Q) - 1
-        pos = tl.minimum(Q_OFF + tok, p_last)
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * sm_scale  # (BLOCK_N, BLOCK_M)
-        # memory rows always; compressed block w = key - NUM_MEM iff (w + 1) * STRIDE - 1 < pos
-        visible = (key[:, None] < NUM_MEM + pos[None, :] // STRIDE)
-        s_t = tl.where(visible, s_t, float("-inf"))
+        s_t = tl.where((key[:, None] < NUM_MEM + pos[None, :] // STRIDE), s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -139,11 +137,12 @@ def dkdv_kernel(
         tok = start_t + rows // 8
         head = kvh * 8 + rows % 8
         row_ok = (tok < N_Q)
+        row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
+        do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
+
         rq_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=rq_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
-                     mask=rq_mask, other=0.0)
+        q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
         lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
         lse2 = lse * 1.4426950408889634
         delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
@@ -188,18 +187,18 @@ def dq_kernel(
     tok = t0 + rows // 8
     head = kvh * 8 + rows % 8
     row_ok = (tok < N_Q)
+    row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
+    do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
+    p_last = Q_OFF + tl.minimum(t0 + TOKENS, N_Q) - 1
+    pos = tl.minimum(Q_OFF + tok, p_last)
+
+    p_first = Q_OFF + t0
     rq_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=rq_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
-                 mask=rq_mask, other=0.0)
+    q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
     lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
     lse2 = lse * 1.4426950408889634
     delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-    # query positions; padding rows repeat the tile's last real position
-    p_first = Q_OFF + t0
-    p_last = Q_OFF + tl.minimum(t0 + TOKENS, N_Q) - 1
-    pos = tl.minimum(Q_OFF + tok, p_last)
     k_base = CK + b * stride_kb + kvh * stride_kh
     v_base = CV + b * stride_vb + kvh * stride_vh
 
@@ -224,7 +223,6 @@ def dq_kernel(
         delta_acc += tl.sum(p * dp, 1)
         pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
-    # the blocks that complete within the tile: visible to later rows only
     for start_n in range(full_hi, end, BLOCK_N):
         key = start_n + offs_n
         col_ok = key < N_KV
@@ -232,9 +230,7 @@ def dq_kernel(
         k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
-        # memory rows always; compressed block w = key - NUM_MEM iff (w + 1) * STRIDE - 1 < pos
-        visible = (key[None, :] < NUM_MEM + pos[:, None] // STRIDE) & col_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where((key[None, :] < NUM_MEM + pos[:, None] // STRIDE) & col_ok[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -244,5 +240,5 @@ def dq_kernel(
 
     dq = (dq - (delta_acc - delta)[:, None] * pk) * tl.cast(scale, tl.float32)
     tl.store(DELTA_OUT + b * stride_lb + tok * stride_ln + head * stride_lh, delta_acc, mask=row_ok)
-    tl.store(DQ + b * stride_dqb + tok[:, None] * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=rq_mask)
+    dq_off = tok[:, None] * stride_dqn + head[:, None] * stride_dqh
+    tl.store(DQ + b * stride_dqb + dq_off + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rq_mask)

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_fwd_g8_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_fwd", "group": 8}
-# template_sha256: 88407ca5868bc34a712d6677bb99497a4444de527e48ffcded6ab4c722a7e061
+# template_sha256: a1a871a4aeace5824185cdc55c2e018c483a847890e524cbcac69623b7668333
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -79,9 +79,8 @@ def kernel(
     tok = t0 + rows // 8
     head = kvh * 8 + rows % 8
     row_ok = (tok < N_Q)
-    rq_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=rq_mask, other=0.0)
+    q_ptrs = Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # query positions; padding rows repeat the tile's last real position
     p_first = Q_OFF + t0
     p_last = Q_OFF + tl.minimum(t0 + TOKENS, N_Q) - 1
@@ -130,6 +129,6 @@ def kernel(
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(OUT + b * stride_ob + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=rq_mask)
+    o_ptrs = OUT + b * stride_ob + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, lse, mask=row_ok)

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_bwd_bs32_g16_causal
 # spec: {"block_size": 32, "causal": true, "family": "select_bwd", "group": 16}
-# template_sha256: 4b3dd09e88c5de588919f36b44f02f733427af43429631e9b82989864961bb85
+# template_sha256: 5220b11bc031f5833eedea6dcb639b4a22d0c6d2c6042668df56fd588b3c7fc9
 # configs kept (6):
 #   {"BLOCK_N": 32, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 32, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -79,40 +79,42 @@ def kernel(
     b = (pid_bh // HS).to(tl.int64)
     hs = pid_bh % HS
     kvh = hs * 16 // GQA
-    scale = tl.cast(scale, tl.float32)  # here, not under a branch: a constexpr scale must not change type
+    scale = tl.cast(scale, tl.float32)
     sm_scale = scale * 1.4426950408889634  # log2 domain
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
     rows = tl.arange(0, 16)
     tok = pid_t
     head = hs * 16 + rows
     row_ok = rows < 16
+    tok_r = tok
     qd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + tok * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + tok_r * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
                 mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + tok * stride_don + head[:, None] * stride_doh + offs_d[None, :],
+    do = tl.load(DO + b * stride_dob + tok_r * stride_don + head[:, None] * stride_doh + offs_d[None, :],
                  mask=qd_mask, other=0.0)
     lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    o = tl.load(O + b * stride_ob + tok * stride_on + head[:, None] * stride_oh + offs_d[None, :],
+    o = tl.load(O + b * stride_ob + tok_r * stride_on + head[:, None] * stride_oh + offs_d[None, :],
                 mask=qd_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, delta, mask=row_ok)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
     dq = tl.zeros([16, BLOCK_D], tl.float32)
 
-    dg_row = DG + b * stride_dgb + tok * stride_dgn + hs * stride_dgh
     # selected blocks: one block of 32 keys per tile
     idx_row = IDX + b * stride_ib + tok * stride_in + hs * stride_ih
     val_row = VALID + b * stride_ab + tok * stride_an + hs * stride_ah
     gate_row = GATES + b * stride_gb + tok * stride_gn + hs * stride_gh
+    dg_row = DG + b * stride_dgb + tok * stride_dgn + hs * stride_dgh
     offs_n = tl.arange(0, BLOCK_N)
     for slot in range(NUM_SEL):
         blk = tl.load(idx_row + slot * stride_is)
         ok = tl.load(val_row + slot * stride_as) != 0
         key = blk * 32 + offs_n
         col_ok = tl.where(ok, key < N, False)  # (interpreter: no scalar & tensor of i1)
+
         if HAS_GATES:
             gate = tl.load(gate_row + slot * stride_gs).to(tl.float32)
         else:
@@ -126,6 +128,7 @@ def kernel(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot((ds * (gate * scale)).to(k.dtype), k)
+
         if HAS_GATES:
             tl.store(dg_row + slot * stride_dgs, tl.sum(tl.sum(ds * qk, 1)) * scale)
 
@@ -142,7 +145,8 @@ def kernel(
     ds = p * (dp - delta[:, None])
     dq += tl.dot((ds * scale).to(k.dtype), k)
 
-    tl.store(DQ + b * stride_dqb + tok * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
+
+    tl.store(DQ + b * stride_dqb + tok_r * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -170,12 +174,10 @@ def dkv_kernel(
     b = (pid_bh // HS).to(tl.int64)
     hs = pid_bh % HS
     kvh = hs * 16 // GQA
-    scale = tl.cast(scale, tl.float32)  # here, not under a branch: a constexpr scale must not change type
+    scale = tl.cast(scale, tl.float32)  # (not redefined under the `if`: a constexpr scale must not change type)
     sm_scale = scale * 1.4426950408889634  # log2 domain
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
     blk = tl.load(seg)
     if blk >= 0:
         start = tl.load(seg + 1)
@@ -184,8 +186,10 @@ def dkv_kernel(
         key = blk * 32 + offs_k
         col_ok = (key < N)
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + b * stride_kb + kvh * stride_kh + key[:, None] * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + kvh * stride_vh + key[:, None] * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
         dk = tl.zeros([32, BLOCK_D], tl.float32)
         dv = tl.zeros([32, BLOCK_D], tl.float32)
         # row r = (entry r // 16 of the step, head r % 16 of the group)
@@ -205,6 +209,7 @@ def dkv_kernel(
             lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
             delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+
             if HAS_GATES:
                 gate = tl.load(GATES + b * stride_gb + tok * stride_gn + hs * stride_gh + (e % NUM_SEL) * stride_gs,
                                mask=row_ok, other=0.0).to(tl.float32)
@@ -217,6 +222,7 @@ def dkv_kernel(
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans((ds * (gate * scale)[:, None]).to(q.dtype)), q)
+
         if tl.load(seg + 3) != 0:
             # causal own-block queries: tokens blk * 32 + t with key <= token, gate 1; tokens before
             # this key tile see none of its keys
@@ -232,6 +238,7 @@ def dkv_kernel(
                 lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
                 lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
                 delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+
                 s = tl.dot(q, tl.trans(k)) * sm_scale
                 s = tl.where(row_ok[:, None] & col_ok[None, :] & (key[None, :] <= tok[:, None]), s, float("-inf"))
                 p = tl.exp2(s - lse2[:, None])
@@ -239,6 +246,7 @@ def dkv_kernel(
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans((ds * scale).to(q.dtype)), q)
+
         tl.atomic_add(DK + b * stride_dkb + kvh * stride_dkh + key[:, None] * stride_dkn + offs_d[None, :], dk,
                       mask=kv_mask)
         tl.atomic_add(DV + b * stride_dvb + kvh * stride_dvh + key[:, None] * stride_dvn + offs_d[None, :], dv,

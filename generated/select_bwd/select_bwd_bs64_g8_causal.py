@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_bwd_bs64_g8_causal
 # spec: {"block_size": 64, "causal": true, "family": "select_bwd", "group": 8}
-# template_sha256: 4b3dd09e88c5de588919f36b44f02f733427af43429631e9b82989864961bb85
+# template_sha256: 5220b11bc031f5833eedea6dcb639b4a22d0c6d2c6042668df56fd588b3c7fc9
 # configs kept (6):
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -79,31 +79,31 @@ def kernel(
     b = (pid_bh // HS).to(tl.int64)
     hs = pid_bh % HS
     kvh = hs * 8 // GQA
-    scale = tl.cast(scale, tl.float32)  # here, not under a branch: a constexpr scale must not change type
+    scale = tl.cast(scale, tl.float32)
     sm_scale = scale * 1.4426950408889634  # log2 domain
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
     rows = tl.arange(0, 16)
     # row r = (token r // 8, head r % 8) of the tile's 2 tokens
     tok = pid_t * 2 + rows // 8
     head = hs * 8 + rows % 8
     row_ok = (tok < N)
+    tok_r = tok[:, None]
     qd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + tok_r * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
                 mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
+    do = tl.load(DO + b * stride_dob + tok_r * stride_don + head[:, None] * stride_doh + offs_d[None, :],
                  mask=qd_mask, other=0.0)
     lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    o = tl.load(O + b * stride_ob + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
+    o = tl.load(O + b * stride_ob + tok_r * stride_on + head[:, None] * stride_oh + offs_d[None, :],
                 mask=qd_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, delta, mask=row_ok)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
     dq = tl.zeros([16, BLOCK_D], tl.float32)
 
-    tile_tok = pid_t * 2 + tl.arange(0, 2)
     # the tile's selections, one row per (token, head) row; invalid slots hold -1 and never match
     offs_s = tl.arange(0, KK_PAD)
     sel_mask = row_ok[:, None] & (offs_s[None, :] < NUM_SEL)
@@ -119,8 +119,8 @@ def kernel(
         row_gate = tl.full([16, KK_PAD], 1.0, tl.float32)
     row_t = rows // 8
     offs_n = tl.arange(0, BLOCK_N)
-    # each distinct selected block of the tile once, in (token, slot) order: entry e = (token
-    # e // KK_PAD, slot e % KK_PAD) is kept when valid and no earlier token selected its block
+    tile_tok = pid_t * 2 + tl.arange(0, 2)
+    # visit each distinct selected block of the tile once (as in the forward)
     offs_e = tl.arange(0, 2 * KK_PAD)
     e_t = offs_e // KK_PAD
     e_s = offs_e % KK_PAD
@@ -138,10 +138,12 @@ def kernel(
     e_keep = (e_blk >= 0) & (e_seen == 0)
     e_pos = tl.where(e_keep, tl.cumsum(e_keep.to(tl.int32), 0) - 1, -1)
     num_blocks = tl.sum(e_keep.to(tl.int32), 0)
+
     for j in range(num_blocks):
         e_j = tl.sum(tl.where(e_pos == j, offs_e, 0), 0)
         blk = tl.load(IDX + b * stride_ib + (pid_t * 2 + e_j // KK_PAD) * stride_in + hs * stride_ih
                       + (e_j % KK_PAD) * stride_is)
+
         match = row_idx == blk
         row_sel = tl.sum(match.to(tl.int32), 1) > 0
         gate = tl.sum(tl.where(match, row_gate, 0.0), 1)
@@ -156,6 +158,7 @@ def kernel(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot((ds * (gate * scale)[:, None]).to(k.dtype), k)
+
         if HAS_GATES:
             # per token: sum over its heads; each (token, slot) is visited exactly once
             dg_tok = tl.sum(tl.reshape(tl.sum(ds * qk, 1), (2, 8)), 1) * scale
@@ -169,11 +172,11 @@ def kernel(
                      dg_tok, mask=sel_tok)
 
     # causal: the own block i // 64, keys own_start .. i, gate 1
+    # keys of the tile's own blocks, from the first token's block start to the last token
     offs_c = tl.arange(0, 64)
     t_first = pid_t * 2
     t_end = tl.minimum(t_first + 2, N)
     own = tok // 64
-    # keys of the tile's own blocks, from the first token's block start to the last token
     for start in range((t_first // 64) * 64, t_end, 64):
         key = start + offs_c
         col_ok = key < t_end
@@ -187,7 +190,8 @@ def kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot((ds * scale).to(k.dtype), k)
 
-    tl.store(DQ + b * stride_dqb + tok[:, None] * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
+
+    tl.store(DQ + b * stride_dqb + tok_r * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -215,12 +219,10 @@ def dkv_kernel(
     b = (pid_bh // HS).to(tl.int64)
     hs = pid_bh % HS
     kvh = hs * 8 // GQA
-    scale = tl.cast(scale, tl.float32)  # here, not under a branch: a constexpr scale must not change type
+    scale = tl.cast(scale, tl.float32)  # (not redefined under the `if`: a constexpr scale must not change type)
     sm_scale = scale * 1.4426950408889634  # log2 domain
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
     blk = tl.load(seg)
     if blk >= 0:
         start = tl.load(seg + 1)
@@ -229,8 +231,10 @@ def dkv_kernel(
         key = blk * 64 + offs_k
         col_ok = (key < N)
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + b * stride_kb + kvh * stride_kh + key[:, None] * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + kvh * stride_vh + key[:, None] * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
         dk = tl.zeros([64, BLOCK_D], tl.float32)
         dv = tl.zeros([64, BLOCK_D], tl.float32)
         # row r = (entry r // 8 of the step, head r % 8 of the group)
@@ -250,6 +254,7 @@ def dkv_kernel(
             lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
             delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+
             if HAS_GATES:
                 gate = tl.load(GATES + b * stride_gb + tok * stride_gn + hs * stride_gh + (e % NUM_SEL) * stride_gs,
                                mask=row_ok, other=0.0).to(tl.float32)
@@ -262,6 +267,7 @@ def dkv_kernel(
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans((ds * (gate * scale)[:, None]).to(q.dtype)), q)
+
         if tl.load(seg + 3) != 0:
             # causal own-block queries: tokens blk * 64 + t with key <= token, gate 1; tokens before
             # this key tile see none of its keys
@@ -277,6 +283,7 @@ def dkv_kernel(
                 lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
                 lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
                 delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+
                 s = tl.dot(q, tl.trans(k)) * sm_scale
                 s = tl.where(row_ok[:, None] & col_ok[None, :] & (key[None, :] <= tok[:, None]), s, float("-inf"))
                 p = tl.exp2(s - lse2[:, None])
@@ -284,6 +291,7 @@ def dkv_kernel(
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans((ds * scale).to(q.dtype)), q)
+
         tl.atomic_add(DK + b * stride_dkb + kvh * stride_dkh + key[:, None] * stride_dkn + offs_d[None, :], dk,
                       mask=kv_mask)
         tl.atomic_add(DV + b * stride_dvb + kvh * stride_dvh + key[:, None] * stride_dvn + offs_d[None, :], dv,

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs64_g4_noncausal
 # spec: {"block_size": 64, "causal": false, "family": "select_fwd", "group": 4}
-# template_sha256: a8b96d6b2d8ee8763cac30dac39bf39c8ca41e8b2db76741bc63a7c7151af3c5
+# template_sha256: 815a5b6692dc515dce0b8ea3c12c9a986277d856d315eff39a30fa643ed6dec6
 # configs kept (6):
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -14,8 +14,7 @@
 
 """Selected attention forward (nsa-spec section 5): select_fwd_bs64_g4_noncausal.
 
-One program: 4 consecutive query tokens x 4 heads = 16 MMA rows;
-each distinct block selected by any of the tile's tokens is loaded once.
+One program: 4 consecutive query tokens x 4 heads = 16 MMA rows; each distinct block selected by any of the tile's tokens is loaded once.
 Keys: one selected block of 64 keys per key tile.
 Logits g * scale * q.k (g: the slot's gate, 1 without gates); keys j >= N never count; a query with no key
 gets out = 0 and lse = -inf. Returns out (input dtype) and lse (fp32, natural log).
@@ -61,20 +60,18 @@ def kernel(
     b = (pid_bh // HS).to(tl.int64)
     hs = pid_bh % HS
     kvh = hs * 4 // GQA
-    scale = tl.cast(scale, tl.float32)  # here, not under a branch: a constexpr scale must not change type
-    sm_scale = scale * 1.4426950408889634  # log2 domain
+    sm_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # log2 domain
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
     rows = tl.arange(0, 16)
     # row r = (token r // 4, head r % 4) of the tile's 4 tokens
     tok = pid_t * 4 + rows // 4
     head = hs * 4 + rows % 4
     row_ok = (tok < N)
-    qd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=qd_mask, other=0.0)
+    q_ptrs = Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
 
     m_i = tl.full([16], float("-inf"), tl.float32)
     l_i = tl.zeros([16], tl.float32)
@@ -95,8 +92,7 @@ def kernel(
         row_gate = tl.full([16, KK_PAD], 1.0, tl.float32)
     row_t = rows // 4
     offs_n = tl.arange(0, BLOCK_N)
-    # each distinct selected block of the tile once, in (token, slot) order: entry e = (token
-    # e // KK_PAD, slot e % KK_PAD) is kept when valid and no earlier token selected its block
+    # visit each distinct selected block of the tile once, in (token, slot) order
     offs_e = tl.arange(0, 4 * KK_PAD)
     e_t = offs_e // KK_PAD
     e_s = offs_e % KK_PAD
@@ -114,10 +110,12 @@ def kernel(
     e_keep = (e_blk >= 0) & (e_seen == 0)
     e_pos = tl.where(e_keep, tl.cumsum(e_keep.to(tl.int32), 0) - 1, -1)
     num_blocks = tl.sum(e_keep.to(tl.int32), 0)
+
     for j in range(num_blocks):
         e_j = tl.sum(tl.where(e_pos == j, offs_e, 0), 0)
         blk = tl.load(IDX + b * stride_ib + (pid_t * 4 + e_j // KK_PAD) * stride_in + hs * stride_ih
                       + (e_j % KK_PAD) * stride_is)
+
         match = row_idx == blk
         row_sel = tl.sum(match.to(tl.int32), 1) > 0
         gate = tl.sum(tl.where(match, row_gate, 0.0), 1)
@@ -136,10 +134,11 @@ def kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+
     has_key = l_i > 0.0
     l_use = tl.where(has_key, l_i, 1.0)
     out = acc / l_use[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(l_use)) * 0.6931471805599453, float("-inf"))
-    tl.store(OUT + b * stride_ob + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=qd_mask)
+    o_ptrs = OUT + b * stride_ob + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, lse, mask=row_ok)

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs8_g16_noncausal
 # spec: {"block_size": 8, "causal": false, "family": "select_fwd", "group": 16}
-# template_sha256: a8b96d6b2d8ee8763cac30dac39bf39c8ca41e8b2db76741bc63a7c7151af3c5
+# template_sha256: 815a5b6692dc515dce0b8ea3c12c9a986277d856d315eff39a30fa643ed6dec6
 # configs kept (18):
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -84,19 +84,17 @@ def kernel(
     b = (pid_bh // HS).to(tl.int64)
     hs = pid_bh % HS
     kvh = hs * 16 // GQA
-    scale = tl.cast(scale, tl.float32)  # here, not under a branch: a constexpr scale must not change type
-    sm_scale = scale * 1.4426950408889634  # log2 domain
+    sm_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # log2 domain
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
     rows = tl.arange(0, 16)
     tok = pid_t
     head = hs * 16 + rows
     row_ok = rows < 16
-    qd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + tok * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=qd_mask, other=0.0)
+    q_ptrs = Q + b * stride_qb + tok * stride_qn + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
 
     m_i = tl.full([16], float("-inf"), tl.float32)
     l_i = tl.zeros([16], tl.float32)
@@ -132,10 +130,11 @@ def kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+
     has_key = l_i > 0.0
     l_use = tl.where(has_key, l_i, 1.0)
     out = acc / l_use[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(l_use)) * 0.6931471805599453, float("-inf"))
-    tl.store(OUT + b * stride_ob + tok * stride_on + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=qd_mask)
+    o_ptrs = OUT + b * stride_ob + tok * stride_on + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, lse, mask=row_ok)

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_bwd_g8_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "window_bwd", "group": 8}
-# template_sha256: 952596470c3a99810245cdf3bebe835b8f2f468ccab9b2d3467ef3446609d4e6
+# template_sha256: 6d4e6323d000232d96788738c3615d22aa37fcea263fda46209ac90cb75a369e
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -109,20 +109,19 @@ def dkdv_kernel(
         tok = start_t + rows // 8
         head = kvh * 8 + rows % 8
         row_ok = (tok < N_Q)
-        rq_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=rq_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
-                     mask=rq_mask, other=0.0)
-        lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no key: p = 0
-        delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-        # query positions; padding rows repeat the tile's last real position
+        row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
+        do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
         p_last = Q_OFF + tl.minimum(start_t + TOKENS, N_Q) - 1
         pos = tl.minimum(Q_OFF + tok, p_last)
+
+        rq_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
+        lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * sm_scale  # (BLOCK_N, BLOCK_M)
-        visible = (key[:, None] >= pos[None, :] - WINDOW) & (key[:, None] <= pos[None, :] + WINDOW)
-        s_t = tl.where(visible, s_t, float("-inf"))
+        s_t = tl.where((key[:, None] >= pos[None, :] - WINDOW) & (key[:, None] <= pos[None, :] + WINDOW), s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -133,13 +132,14 @@ def dkdv_kernel(
         tok = start_t + rows // 8
         head = kvh * 8 + rows % 8
         row_ok = (tok < N_Q)
+        row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
+        do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
+
         rq_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=rq_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
-                     mask=rq_mask, other=0.0)
+        q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
         lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no key: p = 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * sm_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse2[None, :])
@@ -152,20 +152,19 @@ def dkdv_kernel(
         tok = start_t + rows // 8
         head = kvh * 8 + rows % 8
         row_ok = (tok < N_Q)
-        rq_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=rq_mask, other=0.0)
-        do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
-                     mask=rq_mask, other=0.0)
-        lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no key: p = 0
-        delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-        # query positions; padding rows repeat the tile's last real position
+        row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
+        do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
         p_last = Q_OFF + tl.minimum(start_t + TOKENS, N_Q) - 1
         pos = tl.minimum(Q_OFF + tok, p_last)
+
+        rq_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
+        lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * sm_scale  # (BLOCK_N, BLOCK_M)
-        visible = (key[:, None] >= pos[None, :] - WINDOW) & (key[:, None] <= pos[None, :] + WINDOW)
-        s_t = tl.where(visible, s_t, float("-inf"))
+        s_t = tl.where((key[:, None] >= pos[None, :] - WINDOW) & (key[:, None] <= pos[None, :] + WINDOW), s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -206,22 +205,22 @@ def dq_kernel(
     tok = t0 + rows // 8
     head = kvh * 8 + rows % 8
     row_ok = (tok < N_Q)
-    rq_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-                mask=rq_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + tok[:, None] * stride_don + head[:, None] * stride_doh + offs_d[None, :],
-                 mask=rq_mask, other=0.0)
-    lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no key: p = 0
-    delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-    # query positions; padding rows repeat the tile's last real position
-    p_first = Q_OFF + t0
+    row_off = tok[:, None] * stride_qn + head[:, None] * stride_qh
+    do_off = tok[:, None] * stride_don + head[:, None] * stride_doh
     p_last = Q_OFF + tl.minimum(t0 + TOKENS, N_Q) - 1
     pos = tl.minimum(Q_OFF + tok, p_last)
+
+    p_first = Q_OFF + t0
+    rq_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + row_off + offs_d[None, :], mask=rq_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + do_off + offs_d[None, :], mask=rq_mask, other=0.0)
+    lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
 
-    # the band of the tile, on the BLOCK_N grid: [start, end); [full_lo, full_hi) needs no mask
+    # the tile's key band on the BLOCK_N grid, as in the forward
     lo = tl.maximum(p_first - WINDOW, 0)
     hi = tl.minimum(p_last + WINDOW + 1, N_K)
     full_end = tl.minimum(p_first + WINDOW + 1, N_K)
@@ -235,7 +234,6 @@ def dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j P_ij k_j
     delta_acc = tl.zeros([BLOCK_M], tl.float32)  # sum_j P_ij dP_ij
-    # left edge: keys below some row's window start
     for start_n in range(start, full_lo, BLOCK_N):
         key = start_n + offs_n
         col_ok = key < N_K
@@ -243,8 +241,7 @@ def dq_kernel(
         k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
-        visible = (key[None, :] >= pos[:, None] - WINDOW) & (key[None, :] <= pos[:, None] + WINDOW) & col_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where((key[None, :] >= pos[:, None] - WINDOW) & (key[None, :] <= pos[:, None] + WINDOW) & col_ok[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -252,7 +249,6 @@ def dq_kernel(
         delta_acc += tl.sum(p * dp, 1)
         pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
-    # interior: every key visible to every row
     for start_n in range(full_lo, full_hi, BLOCK_N):
         key = start_n + offs_n
         kv_mask = d_ok[None, :]
@@ -266,7 +262,6 @@ def dq_kernel(
         delta_acc += tl.sum(p * dp, 1)
         pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
-    # right edge: keys beyond some row's window end or N_K
     for start_n in range(full_hi, end, BLOCK_N):
         key = start_n + offs_n
         col_ok = key < N_K
@@ -274,8 +269,7 @@ def dq_kernel(
         k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
-        visible = (key[None, :] >= pos[:, None] - WINDOW) & (key[None, :] <= pos[:, None] + WINDOW) & col_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where((key[None, :] >= pos[:, None] - WINDOW) & (key[None, :] <= pos[:, None] + WINDOW) & col_ok[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -285,5 +279,5 @@ def dq_kernel(
 
     dq = (dq - (delta_acc - delta)[:, None] * pk) * tl.cast(scale, tl.float32)
     tl.store(DELTA_OUT + b * stride_lb + tok * stride_ln + head * stride_lh, delta_acc, mask=row_ok)
-    tl.store(DQ + b * stride_dqb + tok[:, None] * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=rq_mask)
+    dq_off = tok[:, None] * stride_dqn + head[:, None] * stride_dqh
+    tl.store(DQ + b * stride_dqb + dq_off + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rq_mask)

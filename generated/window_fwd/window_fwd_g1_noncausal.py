@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_fwd_g1_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "window_fwd", "group": 1}
-# template_sha256: cd3bdc64ea8d64434e6ebb0ca2e5f2da56f4058b95cd01037ccb1c5357215074
+# template_sha256: afdc460ee8ab8ac1bf5d2580603fb4709bc4c6b0191f7b020874a53f6a4b2506
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -75,9 +75,8 @@ def kernel(
     tok = t0 + rows
     head = kvh
     row_ok = tok < N_Q
-    rq_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + tok[:, None] * stride_qn + head * stride_qh + offs_d[None, :],
-                mask=rq_mask, other=0.0)
+    q_ptrs = Q + b * stride_qb + tok[:, None] * stride_qn + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # query positions; padding rows repeat the tile's last real position
     p_first = Q_OFF + t0
     p_last = Q_OFF + tl.minimum(t0 + TOKENS, N_Q) - 1
@@ -151,6 +150,6 @@ def kernel(
     l_use = tl.where(has_key, l_i, 1.0)
     out = acc / l_use[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(l_use)) * 0.6931471805599453, float("-inf"))
-    tl.store(OUT + b * stride_ob + tok[:, None] * stride_on + head * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=rq_mask)
+    o_ptrs = OUT + b * stride_ob + tok[:, None] * stride_on + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, lse, mask=row_ok)

@@ -92,6 +92,7 @@ def render(spec: VariantSpec, **layout_options) -> str:
     model = family_of(spec.family).resource_model()
     if hasattr(model, "layout"):
         context["layout"] = model.layout(spec, **layout_options)
+        context.update(layout_options)
     elif layout_options:
         raise ValueError(f"{spec.family} has no layout options, got {sorted(layout_options)}")
     return template.render(**context)
