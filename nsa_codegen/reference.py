@@ -51,6 +51,7 @@ __all__ = [
     "select_blocks",
     "diff_topk_gates",
     "block_diagonal_selection",
+    "usable_selection",
     "selected_attention",
     "sliding_window_attention",
     "nsa_attention",
@@ -454,6 +455,24 @@ def block_diagonal_selection(
 # 5. selected attention
 
 
+def usable_selection(block_idx: Tensor, block_valid: Tensor, n: int, block_size: int, causal: bool,
+                     query_offset: int = 0) -> Tensor:
+    """Spec 5: the selection slots selected attention uses, (b, n_q, Hs, kk) bool. A slot is used iff it is
+    valid, its block id lies in ``[0, ceil(n / l'))`` (``n`` keys) and, when causal, the id is before the
+    query's own block ``(query_offset + i) // l'`` (the own block enters through the causal own-block term,
+    restricted to ``j <= i``). Every other slot is ignored, whatever id it holds.
+
+    The one rule of the reference and of the kernels' launchers (nsa_codegen.kernels.selected), so both
+    ignore the same slots. Elementwise on the selection's device, no host sync; the caller's tensors are
+    not written."""
+    usable = block_valid.to(torch.bool) & (block_idx >= 0) & (block_idx < -(-n // block_size))
+    if causal:
+        own = (torch.arange(block_idx.shape[1], device=block_idx.device) + query_offset) // block_size
+        # a view, not own[:, None, None]: indexing fake CUDA tensors (tracing) fails on a CPU-only build
+        usable = usable & (block_idx < own.view(-1, 1, 1))
+    return usable
+
+
 def _selected_chunk(q, block_idx, block_valid, gates, k, v, q0, cfg):
     """Queries [q0, q0 + Q): dense logits against the keys the chunk can reach, masked to the
     selected blocks (+ causal own block). Per chunk (Q x n) per head, never (n x n)."""
@@ -469,7 +488,7 @@ def _selected_chunk(q, block_idx, block_valid, gates, k, v, q0, cfg):
         nk = max(0, min(nk, p0 + Q))
     nb = -(-nk // l)
     kc, vc = k[:, :nk], v[:, :nk]
-    idx = block_idx.long().clamp(0, nblk - 1)
+    idx = block_idx.long().clamp(0, nblk - 1)  # ignored slots (valid False) only need an index in range
     valid = block_valid
     # per (query, row) which blocks are selected, and with which gate (valid blocks are distinct)
     cnt = torch.zeros((b, Q, Hs, nblk), dtype=torch.int32, device=dev)
@@ -524,13 +543,12 @@ def selected_attention(
     Query ``i`` attends to the tokens ``j < n`` of its valid selected blocks, and when causal also
     to its own block ``i // l'`` restricted to ``j <= i`` (gate 1). Non-causal: a query with no key
     gets 0. Gates multiply the selected keys, computed as ``gate * (q . k)`` on the logit
-    (identical math; the gradient reaches ``gates``). Invalid entries may hold any index.
+    (identical math; the gradient reaches ``gates``).
 
-    Preconditions (what ``select_blocks`` produces): the valid blocks of a row are distinct, and
-    when causal they are strictly earlier than the query's own block. (Outside them: a duplicate
-    valid block counts once with the sum of its gates; a causal selection of the own block is
-    ignored; a causal selection of a later block only reaches keys ``j`` before the end of the
-    query chunk, so do not rely on it.)
+    Only the slots ``usable_selection`` keeps take part: an invalid slot, an id outside
+    ``[0, ceil(n / l'))`` and, when causal, an id at or after the query's own block are ignored
+    (no key, no gradient to their gates). Precondition (what ``select_blocks`` produces): the used
+    blocks of a row are distinct (a duplicate counts once, with the sum of its gates).
 
     Computed per chunk of queries as dense logits against the keys the chunk can reach (causal:
     ``j`` up to the chunk's last query), masked to the selected tokens; each chunk is
@@ -544,7 +562,7 @@ def selected_attention(
     nblk = max(1, -(-nk // l))
     cfg = dict(l=l, causal=causal, scale=scale, Hs=Hs, nblk=nblk, offset=int(query_offset))
     Qc = _chunk_len(nq, b * H * max(nk, 1), chunk_size)
-    block_valid = block_valid.to(torch.bool)
+    block_valid = usable_selection(block_idx, block_valid, nk, l, causal, query_offset)
     outs = []
     for q0 in range(0, nq, Qc):
         sl = slice(q0, q0 + Qc)
@@ -858,11 +876,12 @@ def selected_attention_lse(q: Tensor, k: Tensor, block_idx: Tensor, block_valid:
     head_to_sel = torch.arange(h, device=q.device) // (h // hs)  # query head -> selection head
     kv_of_head = torch.arange(h, device=q.device) // (h // kh)
     offs = torch.arange(block_size, device=q.device)
+    usable = usable_selection(block_idx, block_valid, nk, block_size, causal, query_offset)
     for i0 in range(0, n, chunk):
         i1 = min(n, i0 + chunk)
         qi = q[:, i0:i1].float()  # (b, c, H, d)
         idx = block_idx[:, i0:i1][:, :, head_to_sel].long()  # (b, c, H, kk)
-        ok = block_valid[:, i0:i1][:, :, head_to_sel]
+        ok = usable[:, i0:i1][:, :, head_to_sel]
         g = gates[:, i0:i1][:, :, head_to_sel].float() if gates is not None else torch.ones_like(idx, dtype=torch.float32)
         keys = idx[..., None] * block_size + offs  # (b, c, H, kk, l')
         kok = ok[..., None] & (keys < nk)

@@ -1,8 +1,15 @@
 """Argument checks shared by the kernel families (nsa_codegen.kernels.*).
 
 Each function raises TypeError / ValueError naming the offending argument and the allowed values
-(tests match words in the messages). Checks that only
-one family needs (selection shapes, num_mem bounds, ...) stay in that family's module.
+(tests match words in the messages). Checks that only one family needs (selection shapes, num_mem
+bounds, ...) stay in that family's module, in its `check_inputs`.
+
+Where they run: every op body (the `triton_op` body, which is also the op's fake / meta implementation,
+and its CPU kernel, forward and backward) calls its family's `check_inputs` before anything else, so the
+public functions, the plain launchers, `torch.ops.nsa.<op>` on any device and meta tensors raise the
+same errors. Everything here reads metadata only (types, shapes, strides, dtypes, devices); under
+torch.compile the integer arguments may arrive as symbolic ints, which the integer checks accept (a
+comparison becomes a guard).
 """
 from __future__ import annotations
 
@@ -103,8 +110,8 @@ def require_head_dim(d: int) -> None:
 
 
 def is_int(x) -> bool:
-    """A Python int that is not a bool."""
-    return isinstance(x, int) and not isinstance(x, bool)
+    """A Python int that is not a bool, or a symbolic int (torch.compile)."""
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
 
 
 def require_int(name: str, value, minimum: int) -> None:
@@ -124,8 +131,22 @@ def require_bool(name: str, value, note: str = " (True or False)") -> None:
 
 def require_scale(scale, note: str = "") -> None:
     """A Python int or float (not a bool); `note` follows 'a Python float' in the message."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"scale must be a Python float{note}, got {type(scale).__name__}")
+
+
+def require_saved(q, out, lse, dout) -> None:
+    """The backward's saved forward results and incoming gradient: out and dout of q's shape, lse (b, n, H)
+    float32, all on q's device."""
+    require_tensors(out=out, dout=dout)
+    require_tensor("lse", lse)
+    require_one_device({"q": q, "out": out, "lse": lse, "dout": dout})
+    if tuple(out.shape) != tuple(q.shape) or tuple(dout.shape) != tuple(q.shape):
+        raise ValueError(
+            f"out and dout must have q's shape {tuple(q.shape)}, got {tuple(out.shape)} and {tuple(dout.shape)}"
+        )
+    if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
 
 
 INT32_OFFSET_LIMIT = 2 ** 31

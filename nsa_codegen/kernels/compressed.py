@@ -24,15 +24,19 @@ import triton
 from ..codegen import cache
 from . import FAMILIES, dense
 from ._launch import head_group, no_wrap, report, route
-from .checks import require_bool, require_int, require_scale
-from .dense import check_attention_tensors, check_launch, check_saved, launch_config, tuned_launch_config
+from .checks import require_bool, require_int, require_saved, require_scale
+from .dense import check_attention_tensors, check_launch, launch_config, tuned_launch_config
+
+PUBLIC = "nsa_codegen.kernels.compressed.compressed_attention"
 
 # ----------------------------------------------------------------------------------------------------
 # validation (before any launch)
 
 
 def check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset=0) -> None:
-    """Raise ValueError / TypeError naming the offending argument and the allowed values."""
+    """Raise ValueError / TypeError naming the offending argument and the allowed values. num_mem >= 1
+    (nsa-spec: M >= 1): the memory rows are what a causal query that sees no compressed block attends to;
+    without them it would have no key at all."""
     check_attention_tensors(q, ck, cv, "ck", "cv")
     require_int("num_mem", num_mem, 1)
     if num_mem > ck.shape[1]:
@@ -46,6 +50,17 @@ def check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_of
     require_bool("causal", causal)
     require_scale(scale, note=" (e.g. d ** -0.5)")
     require_int("query_offset", query_offset, 0)
+
+
+def _check_op(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset, saved=None) -> None:
+    """What every body of the ops runs first, on every device (the triton_op body is also the fake / meta
+    implementation): the arguments, the backward's saved tensors (out, lse, dout), and on CUDA tensors
+    the kernels' limits."""
+    check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
+    if saved is not None:
+        require_saved(q, *saved)
+    if q.is_cuda:
+        check_launch(q, ck, PUBLIC, cv, "ck", "cv")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,7 +148,7 @@ def compressed_attention_fwd_launch(q, ck, cv, *, num_mem, block_size, stride, c
     """Launch the forward kernel; returns (out, lse). `config` overrides the tile config
     ({'BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages'}; BLOCK_M >= G)."""
     check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
-    check_launch(q, ck, "nsa_codegen.kernels.compressed.compressed_attention", cv, "ck", "cv")
+    check_launch(q, ck, PUBLIC, cv, "ck", "cv")
     return _fwd(q, ck, cv, num_mem, stride, causal, scale, query_offset, no_wrap, config)
 
 
@@ -141,8 +156,8 @@ def compressed_attention_bwd_launch(q, ck, cv, out, lse, dout, *, num_mem, block
                                     query_offset=0, config=None):
     """Launch the backward kernels; returns (dq, dck, dcv) (memory rows included in dck, dcv)."""
     check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
-    check_launch(q, ck, "nsa_codegen.kernels.compressed.compressed_attention", cv, "ck", "cv")
-    check_saved(q, out, lse, dout)
+    check_launch(q, ck, PUBLIC, cv, "ck", "cv")
+    require_saved(q, out, lse, dout)
     return _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset, no_wrap, config)
 
 
@@ -162,6 +177,7 @@ def _compressed_attention_op(
     q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, num_mem: int, block_size: int, stride: int, causal: bool,
     scale: float, query_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_op(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
     from torch.library import wrap_triton
 
     return _fwd(q, ck, cv, num_mem, stride, causal, scale, query_offset, wrap_triton)
@@ -172,6 +188,7 @@ def _compressed_attention_bwd_op(
     q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
     num_mem: int, block_size: int, stride: int, causal: bool, scale: float, query_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_op(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset, (out, lse, dout))
     from torch.library import wrap_triton
 
     return _bwd(q, ck, cv, out, lse, dout, num_mem, stride, causal, scale, query_offset, wrap_triton)
@@ -179,6 +196,7 @@ def _compressed_attention_bwd_op(
 
 @_compressed_attention_op.register_kernel("cpu")
 def _compressed_attention_cpu(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset):
+    _check_op(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
     from .. import reference
 
     with torch.no_grad():
@@ -191,6 +209,7 @@ def _compressed_attention_cpu(q, ck, cv, num_mem, block_size, stride, causal, sc
 @_compressed_attention_bwd_op.register_kernel("cpu")
 def _compressed_attention_bwd_cpu(q, ck, cv, out, lse, dout, num_mem, block_size, stride, causal, scale,
                                   query_offset):
+    _check_op(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset, (out, lse, dout))
     from .. import reference
 
     return reference.compressed_attention_backward(q, ck, cv, out, dout, num_mem=num_mem, stride=stride,
@@ -226,6 +245,8 @@ def compressed_attention(q, ck, cv, *, num_mem, block_size, stride, causal, scal
     CUDA (and `use_kernels`): out from `torch.ops.nsa.compressed_attention` on the generated Triton kernels
     (differentiable in q, ck, cv); the logits, only when asked for, from `reference.compressed_logits`.
     Elsewhere: the reference. The path taken is recorded in `paths["compressed"]` when a dict is given.
+    The arguments are checked here (the op's schema would coerce or refuse Python scalars before its own
+    checks see them), and again by the op.
     """
     check_inputs(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
     path = route(q, use_kernels)
@@ -233,7 +254,6 @@ def compressed_attention(q, ck, cv, *, num_mem, block_size, stride, causal, scal
     if path == "reference":
         out, logits = _reference(q, ck, cv, num_mem, block_size, stride, causal, scale, query_offset)
         return out, (logits if return_logits else None)
-    check_launch(q, ck, "nsa_codegen.kernels.compressed.compressed_attention", cv, "ck", "cv")
     out, _ = torch.ops.nsa.compressed_attention(q, ck, cv, int(num_mem), int(block_size), int(stride),
                                                 bool(causal), float(scale), int(query_offset))
     logits = None

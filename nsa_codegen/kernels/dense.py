@@ -83,15 +83,6 @@ def tuned_launch_config(module, kernel: str, d: int, q, override: Optional[dict]
     return launch_config(module, d, q.dtype, tune=(kernel, q, lambda c: run(launch_config(module, d, q.dtype, c))))
 
 
-def check_saved(q, out, lse, dout) -> None:
-    if tuple(out.shape) != tuple(q.shape) or tuple(dout.shape) != tuple(q.shape):
-        raise ValueError(
-            f"out and dout must have q's shape {tuple(q.shape)}, got {tuple(out.shape)} and {tuple(dout.shape)}"
-        )
-    if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
-
-
 def forward(spec, wrap, q, k, v, rule_args: tuple, scale, query_offset, config=None):
     """The forward launch of a dense family: (out, lse). The kernel's scalars are (n_q, n_k, query offset,
     K, *rule_args, scale); `rule_args` are the family's visibility parameters (the window; num_mem and

@@ -8,10 +8,12 @@ the public `selected_attention` (docs/interfaces.md).
 
 Inputs (bnhd): q (b, n, H, d); k, v (b, n, K, d) with H % K == 0; block_idx (b, n, Hs, kk) int32 or
 int64; block_valid (b, n, Hs, kk) bool; gates (b, n, Hs, kk) float or None; Hs = K (the G = H // K
-heads of a group share the selection) or Hs = H (unshared). Any strides, as long as the last dim of
-q, k, v is contiguous: nothing is copied. Supported head dims: multiples of 8 in [16, 256] (tiles pad
-to the next power of two and mask). Outputs: out (b, n, H, d) in q's dtype and lse (b, n, H) fp32
-(natural log; -inf for a query with no key, whose out is 0).
+heads of a group share the selection) or Hs = H (unshared). Only the slots `reference.usable_selection`
+keeps take part (valid, id in [0, ceil(n / l')), causal: before the own block); the others are ignored,
+as by the reference. Any strides, as long as the last dim of q, k, v is contiguous: nothing is copied.
+Supported head dims: multiples of 8 in [16, 256] (tiles pad to the next power of two and mask).
+Outputs: out (b, n, H, d) in q's dtype and lse (b, n, H) fp32 (natural log; -inf for a query with no
+key, whose out is 0).
 """
 from __future__ import annotations
 
@@ -21,21 +23,24 @@ import torch
 import triton
 
 from ..codegen import cache
+from ..reference import usable_selection  # one selection contract, shared with the reference
 from . import FAMILIES, _launch
 from ._launch import choose_config, no_wrap, padded_head_dim, pow2, report, require_launch_device, route, split
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE, INDEX_DTYPES  # noqa: F401
 from .checks import (alert_not_deterministic, require_bool, require_float, require_head_dim, require_heads,
-                     require_kernel_dtype,
-                     require_index_dtype, require_int32_extent, require_last_dim_contiguous, require_one_device,
-                     require_positive_int, require_same_dtype, require_same_shape, require_scale, require_tensors)
+                     require_index_dtype, require_int, require_int32_extent, require_kernel_dtype,
+                     require_last_dim_contiguous, require_one_device, require_positive_int, require_same_dtype,
+                     require_same_shape, require_saved, require_scale, require_tensors)
 
 
 # ----------------------------------------------------------------------------------------------------
 # validation (before any launch)
 
 
-def check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale) -> None:
-    """Raise ValueError / TypeError naming the offending argument and the allowed values."""
+def check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, query_offset=0) -> None:
+    """Raise ValueError / TypeError naming the offending argument and the allowed values. Keys are the
+    queries' tokens (n_k = n) unless the queries sit after a cache (query_offset > 0: the reference
+    path, any n_k)."""
     named = {"q": q, "k": k, "v": v, "block_idx": block_idx, "block_valid": block_valid}
     if gates is not None:
         named["gates"] = gates
@@ -44,10 +49,14 @@ def check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, sca
         require_float(name, named[name])
     require_same_dtype(q=q, k=k, v=v)
     require_one_device(named)
+    require_int("query_offset", query_offset, 0)
     b, n, h, d = q.shape
     require_same_shape("k", k, "v", v)
-    if k.shape[0] != b or k.shape[1] != n or k.shape[3] != d:
-        raise ValueError(f"k/v shape {tuple(k.shape)} must be (b, n, K, d) = ({b}, {n}, K, {d}) to match q")
+    same_tokens = query_offset != 0 or k.shape[1] == n
+    if k.shape[0] != b or k.shape[3] != d or not same_tokens:
+        n_k = "n_k" if query_offset else n
+        raise ValueError(f"k/v shape {tuple(k.shape)} must be (b, n_k, K, d) = ({b}, {n_k}, K, {d}) to match q "
+                         f"(n_k = n without a query_offset)")
     kh = k.shape[2]
     require_heads(h, kh)
     require_index_dtype("block_idx", block_idx)
@@ -80,6 +89,17 @@ def _check_kernel_limits(q, k, v, block_idx) -> None:
     require_int32_extent("selected-attention", q=q, k=k, v=v, block_idx=block_idx)
 
 
+def _check_op(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, saved=None) -> None:
+    """What every body of the ops runs first, on every device (the triton_op body is also the fake / meta
+    implementation): the arguments, the backward's saved tensors (out, lse, dout), and on CUDA tensors
+    the kernels' limits."""
+    check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
+    if saved is not None:
+        require_saved(q, *saved)
+    if q.is_cuda:
+        _check_kernel_limits(q, k, v, block_idx)
+
+
 # ----------------------------------------------------------------------------------------------------
 # launch helpers
 
@@ -102,13 +122,6 @@ def variant_specs(q, k, block_idx, *, block_size: int, causal: bool):
     (b, n, Hs, kk). Head counts are structural: int() specializes symbolic sizes."""
     group = selection_group(int(q.shape[2]), int(k.shape[2]), int(block_idx.shape[2]))
     return FAMILIES["selected"].specs(group, causal, block_size)
-
-
-def _in_range(block_idx, block_valid, n, block_size):
-    """block_valid without the slots whose id lies outside [0, cdiv(n, l')): outside the contract (the
-    top-k never makes them), and a kernel would read outside K / V for them. One elementwise pass on the
-    device, no sync; the reference clamps such ids instead (documented in docs/interfaces.md)."""
-    return block_valid & (block_idx >= 0) & (block_idx < -(-n // block_size))
 
 
 def _launch_fwd(module, cfg, wrap, q, k, v, block_idx, block_valid, gates, scale, out, lse):
@@ -134,7 +147,9 @@ def _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, wrap
     """The forward launch; its tile config is tuned per (head dim, dtype, n bucket, GPU) through
     `_launch_fwd` into scratch outputs."""
     b, n, h = q.shape[:3]
-    block_valid = _in_range(block_idx, block_valid, n, block_size)
+    # the slots the reference uses, and no other: the kernels read a valid slot's block whatever its id
+    # (outside K / V for an id out of range; a causal own or later block in full, future keys included)
+    block_valid = usable_selection(block_idx, block_valid, n, block_size, causal)
     if module is None:
         module = cache.load_variant(variant_specs(q, k, block_idx, block_size=block_size, causal=causal)[0])
     if out is None:
@@ -164,9 +179,10 @@ def dkv_schedule(block_idx, block_valid, n: int, block_size: int, causal: bool, 
     bh = b * hs
     num_blocks = -(-n // block_size)
     dev = block_idx.device
-    # int32 keys (a GPU radix sort passes over half the bits of int64); invalid or out-of-range ids go to
-    # the sentinel bucket num_blocks, sorted last; the range test runs on the original dtype, before the cast
-    live_entry = _in_range(block_idx, block_valid, n, block_size)
+    # int32 keys (a GPU radix sort passes over half the bits of int64); the slots selected attention
+    # ignores (reference.usable_selection: invalid, out of range, causal own or later block) go to the
+    # sentinel bucket num_blocks, sorted last; the test runs on the original dtype, before the cast
+    live_entry = usable_selection(block_idx, block_valid, n, block_size, causal)
     key = block_idx.to(torch.int32, copy=True).masked_fill_(~live_entry, num_blocks)  # never the caller's tensor
     del live_entry
     key = key.permute(0, 2, 1, 3).reshape(bh, n * kk)
@@ -223,7 +239,7 @@ def _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, cau
     alert_not_deterministic("nsa::selected_attention backward", "dk and dv add partial sums of several programs "
                             "with fp32 atomics (segments of one key block, selection heads of one kv head)")
     b, n = q.shape[:2]
-    block_valid = _in_range(block_idx, block_valid, n, block_size)
+    block_valid = usable_selection(block_idx, block_valid, n, block_size, causal)  # as in _fwd
     h, d, kh = int(q.shape[2]), int(q.shape[3]), int(k.shape[2])  # structural: specialize symbolic sizes
     hs, kk = int(block_idx.shape[2]), int(block_idx.shape[3])
     if module is None:
@@ -293,10 +309,7 @@ def selected_attention_bwd_launch(q, k, v, block_idx, block_valid, gates, out, l
     check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
     require_launch_device(q, "nsa_codegen.kernels.selected.selected_attention")
     _check_kernel_limits(q, k, v, block_idx)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"out and dout must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}, {tuple(dout.shape)}")
-    if tuple(lse.shape) != tuple(q.shape[:3]) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
+    require_saved(q, out, lse, dout)
     if dq is not None and (dq.shape != q.shape or dq.dtype != q.dtype or dq.stride(-1) != 1):
         raise ValueError(f"dq must have q's shape {tuple(q.shape)}, dtype {q.dtype} and a contiguous last dim")
     return _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale, no_wrap, module,
@@ -316,6 +329,7 @@ def _selected_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, block_valid: torch.Tensor,
     gates: Optional[torch.Tensor], block_size: int, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_op(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
     from torch.library import wrap_triton
 
     return _fwd(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, wrap_triton)
@@ -327,6 +341,7 @@ def _selected_attention_bwd_op(
     gates: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
     block_size: int, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_op(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, (out, lse, dout))
     from torch.library import wrap_triton
 
     return _bwd(q, k, v, block_idx, block_valid, gates, out, lse, dout, block_size, causal, scale, wrap_triton)
@@ -334,6 +349,7 @@ def _selected_attention_bwd_op(
 
 @_selected_attention_op.register_kernel("cpu")
 def _selected_attention_cpu(q, k, v, block_idx, block_valid, gates, block_size, causal, scale):
+    _check_op(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
     from .. import reference
 
     kw = dict(block_size=block_size, causal=causal, scale=scale)
@@ -348,6 +364,7 @@ def _selected_attention_bwd_cpu(q, k, v, block_idx, block_valid, gates, out, lse
     """Gradients of the reference by autograd. A custom op's kernel runs below the dispatcher's autograd
     layer (autograd keys excluded), and the reference checkpoints its chunks (no torch.func), so the
     autograd keys are re-enabled for this computation."""
+    _check_op(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, (out, lse, dout))
     from .. import reference
 
     excluded = torch._C._dispatch_tls_local_exclude_set()
@@ -394,20 +411,18 @@ def selected_attention(q, k, v, block_idx, block_valid, gates=None, *, block_siz
     Same contract as `reference.selected_attention`. CUDA (and `use_kernels`), without a query offset:
     `torch.ops.nsa.selected_attention` on the generated Triton kernels (differentiable in q, k, v and
     gates). Elsewhere, and for queries placed after a cache (`query_offset` > 0, decoding): the
-    reference. The path taken is recorded in `paths["selected"]` when a dict is given.
+    reference. The path taken is recorded in `paths["selected"]` when a dict is given. The arguments are
+    checked here (the op's schema would coerce or refuse Python scalars before its own checks see them),
+    and again by the op.
     """
-    if query_offset:
-        path = "reference"
-    else:
-        check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale)
-        path = route(q, use_kernels)
+    check_inputs(q, k, v, block_idx, block_valid, gates, block_size, causal, scale, query_offset)
+    path = "reference" if query_offset else route(q, use_kernels)
     report(paths, "selected", path)
     if path == "reference":
         from .. import reference
 
         return reference.selected_attention(q, k, v, block_idx, block_valid, gates, block_size=block_size,
                                             causal=causal, scale=scale, query_offset=query_offset)
-    _check_kernel_limits(q, k, v, block_idx)
     out, _ = torch.ops.nsa.selected_attention(q, k, v, block_idx, block_valid, gates, block_size, causal,
                                               float(scale))
     return out

@@ -36,9 +36,8 @@ from . import FAMILIES
 from ._launch import choose_config, head_group, no_wrap, padded_head_dim, pow2, report, require_launch_device, route
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX  # noqa: F401
 from .checks import (alert_not_deterministic, is_int, require_4d, require_bool, require_float, require_heads,
-                     require_kernel_dtype,
-                     require_int, require_positive_int, require_same_device, require_same_dtype, require_scale,
-                     require_tensor)
+                     require_index_dtype, require_kernel_dtype, require_int, require_one_device, require_positive_int,
+                     require_same_device, require_same_dtype, require_scale, require_tensor)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,10 +108,43 @@ def _check_kernel_limits(q, ck) -> None:
 def _check_kernel_mapping(info: dict) -> None:
     if info["mapping"] == "c":
         raise ValueError(
-            "the top-k kernels implement mappings (a) (selection_block_size == stride) and (b) "
-            "(selection_block_size a multiple of stride, > stride, interpolated=False); mapping (c) runs on "
-            "the reference: use nsa_codegen.kernels.topk.select_topk"
+            "the top-k kernels and torch.ops.nsa.select_topk implement mappings (a) (selection_block_size == "
+            "stride) and (b) (selection_block_size a multiple of stride, > stride, interpolated=False); mapping "
+            "(c) runs on the reference: use nsa_codegen.kernels.topk.select_topk"
         )
+
+
+def _check_saved(info: dict, q, block_idx, values, lse, grad_values) -> None:
+    """The backward's saved forward results and incoming gradient: block_idx, values, grad_values
+    (b, n, Hs, kk), lse (b, n, Hs) float32, on q's device."""
+    named = {"block_idx": block_idx, "values": values, "lse": lse, "grad_values": grad_values}
+    for name, t in named.items():
+        require_tensor(name, t)
+    require_one_device({"q": q, **named})
+    require_index_dtype("block_idx", block_idx)
+    shape = (info["b"], info["n"], info["Hs"], info["kk"])
+    for name in ("block_idx", "values", "grad_values"):
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(named[name].shape)}")
+    for name in ("values", "grad_values"):
+        require_float(name, named[name])
+    if tuple(lse.shape) != shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {shape[:3]}, got {lse.dtype} {tuple(lse.shape)}")
+
+
+def _check_op(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share,
+              scale, query_offset, saved=None) -> dict:
+    """What every body of the ops runs first, on every device (the triton_op body is also the fake / meta
+    implementation): the arguments, the mapping (the ops compute (a) and (b)), the backward's saved tensors
+    (block_idx, values, lse, grad_values), and on CUDA tensors the kernels' limits. Returns the sizes."""
+    info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
+                        share, scale, False, query_offset)
+    _check_kernel_mapping(info)
+    if saved is not None:
+        _check_saved(info, q, *saved)
+    if q.is_cuda:
+        _check_kernel_limits(q, ck)
+    return info
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,12 +244,7 @@ def select_topk_bwd_launch(q, ck, block_idx, values, lse, grad_values, *, num_me
     _check_kernel_mapping(info)
     require_launch_device(q, "nsa_codegen.kernels.topk.select_topk")
     _check_kernel_limits(q, ck)
-    shape = (info["b"], info["n"], info["Hs"], info["kk"])
-    for name, t in (("block_idx", block_idx), ("values", values), ("grad_values", grad_values)):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if tuple(lse.shape) != shape[:3] or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 of shape {shape[:3]}, got {lse.dtype} {tuple(lse.shape)}")
+    _check_saved(info, q, block_idx, values, lse, grad_values)
     return _bwd(q, ck, block_idx, values, lse, grad_values, info, num_mem, selection_block_size, causal, share,
                 scale, query_offset, no_wrap, config)
 
@@ -270,9 +297,10 @@ def _select_topk_op(
     q: torch.Tensor, ck: torch.Tensor, num_mem: int, compress_block_size: int, stride: int,
     selection_block_size: int, num_selected: int, causal: bool, share: bool, scale: float, query_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    info = _check_op(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share,
+                     scale, query_offset)
     from torch.library import wrap_triton
 
-    info = selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, False, query_offset)
     idx, valid, val, lse = _fwd(q, ck, info, num_mem, selection_block_size, causal, share, scale, query_offset,
                                 wrap_triton)
     return val, lse, idx, valid  # float outputs first: see OP_OUTPUTS
@@ -284,9 +312,10 @@ def _select_topk_bwd_op(
     grad_values: torch.Tensor, num_mem: int, compress_block_size: int, stride: int, selection_block_size: int,
     num_selected: int, causal: bool, share: bool, scale: float, query_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    info = _check_op(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share,
+                     scale, query_offset, (block_idx, values, lse, grad_values))
     from torch.library import wrap_triton
 
-    info = selection_sizes(q, ck, num_mem, stride, selection_block_size, num_selected, share, False, query_offset)
     return _bwd(q, ck, block_idx, values, lse, grad_values, info, num_mem, selection_block_size, causal, share,
                 scale, query_offset, wrap_triton)
 
@@ -294,6 +323,8 @@ def _select_topk_bwd_op(
 @_select_topk_op.register_kernel("cpu")
 def _select_topk_cpu(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
                      share, scale, query_offset):
+    _check_op(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share, scale,
+              query_offset)
     from .. import reference
 
     with torch.no_grad():
@@ -310,6 +341,8 @@ def _select_topk_cpu(q, ck, num_mem, compress_block_size, stride, selection_bloc
 @_select_topk_bwd_op.register_kernel("cpu")
 def _select_topk_bwd_cpu(q, ck, block_idx, values, lse, grad_values, num_mem, compress_block_size, stride,
                          selection_block_size, num_selected, causal, share, scale, query_offset):
+    _check_op(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal, share, scale,
+              query_offset, (block_idx, values, lse, grad_values))
     from .. import reference
 
     # closed form (autograd cannot record below the op's Autograd key)
@@ -352,7 +385,9 @@ def select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_
     (promote(dtype, fp32)), differentiable w.r.t. q and ck (use_diff_topk). Matches
     reference.compressed_attention + importance_scores + select_blocks. Runs on the generated kernels on
     CUDA (and `use_kernels`) for mappings (a) and (b); mapping (c) and other devices run the reference.
-    The path taken is recorded in `paths["topk"]` when a dict is given.
+    The path taken is recorded in `paths["topk"]` when a dict is given. The arguments are checked here
+    (the op's schema would coerce or refuse Python scalars before its own checks see them), and again by
+    the op.
     """
     info = check_inputs(q, ck, num_mem, compress_block_size, stride, selection_block_size, num_selected, causal,
                         share, scale, interpolated, query_offset)
@@ -366,7 +401,6 @@ def select_topk(q, ck, *, num_mem, compress_block_size, stride, selection_block_
             selection_block_size=selection_block_size, num_selected=num_selected, causal=causal, share=share,
             scale=scale, interpolated=interpolated, query_offset=query_offset)
         return idx.to(torch.int32), valid, val
-    _check_kernel_limits(q, ck)
     val, _, idx, valid = torch.ops.nsa.select_topk(q, ck, num_mem, compress_block_size, stride, selection_block_size,
                                                     num_selected, causal, share, float(scale), query_offset)
     return idx, valid, val

@@ -24,9 +24,11 @@ from ..codegen import cache
 from . import FAMILIES
 from ._launch import head_group, no_wrap, report, route
 from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE  # noqa: F401
-from .checks import require_bool, require_int, require_scale
+from .checks import require_bool, require_int, require_saved, require_scale
 from . import dense
-from .dense import check_attention_tensors, check_launch, check_saved, launch_config
+from .dense import check_attention_tensors, check_launch, launch_config
+
+PUBLIC = "nsa_codegen.kernels.window.sliding_window_attention"
 
 
 def check_inputs(q, k, v, window, causal, scale, query_offset=0) -> None:
@@ -36,6 +38,17 @@ def check_inputs(q, k, v, window, causal, scale, query_offset=0) -> None:
     require_bool("causal", causal)
     require_scale(scale, note=" (e.g. d ** -0.5)")
     require_int("query_offset", query_offset, 0)
+
+
+def _check_op(q, k, v, window, causal, scale, query_offset, saved=None) -> None:
+    """What every body of the ops runs first, on every device (the triton_op body is also the fake / meta
+    implementation): the arguments, the backward's saved tensors (out, lse, dout), and on CUDA tensors
+    the kernels' limits."""
+    check_inputs(q, k, v, window, causal, scale, query_offset)
+    if saved is not None:
+        require_saved(q, *saved)
+    if q.is_cuda:
+        check_launch(q, k, PUBLIC, v)
 
 
 def variant_specs(q, k, causal: bool):
@@ -88,15 +101,15 @@ def sliding_window_fwd_launch(q, k, v, *, window, causal, scale, query_offset=0,
     """Launch the forward kernel; returns (out, lse). `config` overrides the tile config
     ({'BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages'}; BLOCK_M >= G)."""
     check_inputs(q, k, v, window, causal, scale, query_offset)
-    check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention", v)
+    check_launch(q, k, PUBLIC, v)
     return _fwd(q, k, v, window, causal, scale, query_offset, no_wrap, config)
 
 
 def sliding_window_bwd_launch(q, k, v, out, lse, dout, *, window, causal, scale, query_offset=0, config=None):
     """Launch the backward kernels; returns (dq, dk, dv)."""
     check_inputs(q, k, v, window, causal, scale, query_offset)
-    check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention", v)
-    check_saved(q, out, lse, dout)
+    check_launch(q, k, PUBLIC, v)
+    require_saved(q, out, lse, dout)
     return _bwd(q, k, v, out, lse, dout, window, causal, scale, query_offset, no_wrap, config)
 
 
@@ -108,6 +121,7 @@ def sliding_window_bwd_launch(q, k, v, out, lse, dout, *, window, causal, scale,
 def _sliding_window_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, causal: bool, scale: float, query_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_op(q, k, v, window, causal, scale, query_offset)
     from torch.library import wrap_triton
 
     return _fwd(q, k, v, window, causal, scale, query_offset, wrap_triton)
@@ -118,6 +132,7 @@ def _sliding_window_bwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
     window: int, causal: bool, scale: float, query_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_op(q, k, v, window, causal, scale, query_offset, (out, lse, dout))
     from torch.library import wrap_triton
 
     return _bwd(q, k, v, out, lse, dout, window, causal, scale, query_offset, wrap_triton)
@@ -125,6 +140,7 @@ def _sliding_window_bwd_op(
 
 @_sliding_window_op.register_kernel("cpu")
 def _sliding_window_cpu(q, k, v, window, causal, scale, query_offset):
+    _check_op(q, k, v, window, causal, scale, query_offset)
     from .. import reference
 
     kw = dict(window=window, causal=causal, scale=scale, query_offset=query_offset)
@@ -136,6 +152,7 @@ def _sliding_window_cpu(q, k, v, window, causal, scale, query_offset):
 
 @_sliding_window_bwd_op.register_kernel("cpu")
 def _sliding_window_bwd_cpu(q, k, v, out, lse, dout, window, causal, scale, query_offset):
+    _check_op(q, k, v, window, causal, scale, query_offset, (out, lse, dout))
     from .. import reference
 
     return reference.sliding_window_backward(q, k, v, out, dout, window=window, causal=causal, scale=scale,
@@ -172,7 +189,8 @@ def sliding_window_attention(q, k, v, *, window, causal, scale, query_offset=0, 
     Same contract as `reference.sliding_window_attention`. CUDA (and `use_kernels`):
     `torch.ops.nsa.sliding_window_attention` on the generated Triton kernels (differentiable in q, k, v;
     `chunk_size` is not used there). Elsewhere: the reference. The path taken is recorded in
-    `paths["sliding"]` when a dict is given.
+    `paths["sliding"]` when a dict is given. The arguments are checked here (the op's schema would coerce
+    or refuse Python scalars before its own checks see them), and again by the op.
     """
     check_inputs(q, k, v, window, causal, scale, query_offset)
     path = route(q, use_kernels)
@@ -182,7 +200,6 @@ def sliding_window_attention(q, k, v, *, window, causal, scale, query_offset=0, 
 
         return reference.sliding_window_attention(q, k, v, window=window, causal=causal, scale=scale,
                                                   query_offset=query_offset, chunk_size=chunk_size)
-    check_launch(q, k, "nsa_codegen.kernels.window.sliding_window_attention", v)
     out, _ = torch.ops.nsa.sliding_window_attention(q, k, v, int(window), bool(causal), float(scale),
                                                     int(query_offset))
     return out
