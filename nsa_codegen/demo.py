@@ -29,7 +29,7 @@ def main() -> int:
     backward_s = time.perf_counter() - start
 
     print(f"SparseAttention on {device}: input {tuple(x.shape)} -> output {tuple(out.shape)}")
-    print(f"  heads 8 (kv heads 2), compress 16/8, select 4 x 16, window 64, causal")
+    print("  heads 8 (kv heads 2), compress 16/8, select 4 x 16, window 64, causal")
     print(f"  forward {forward_s * 1e3:.1f} ms, backward {backward_s * 1e3:.1f} ms "
           f"(second call; the first forward + backward took {first_s * 1e3:.0f} ms)")
     print(f"  paths: {getattr(attn, 'last_paths', 'unknown')}")

@@ -19,6 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from .kernels import compressed as compressed_ops
+from .kernels import selected as selected_ops
+from .kernels import topk as topk_ops
+from .kernels import window as window_ops
 
 __all__ = ["SparseAttention", "DecodeCache"]
 
@@ -259,8 +263,6 @@ class SparseAttention(nn.Module):
 
     def _compressed_branch(self, q: Tensor, ck_all: Tensor, cv_all: Tensor, query_offset: int = 0) -> Tensor:
         """Spec 2 over [memory; compressed] keys and values."""
-        from .kernels import compressed as compressed_ops  # Triton loads on first use, not on import
-
         out, _ = compressed_ops.compressed_attention(
             q, ck_all, cv_all, num_mem=self.num_mem_compress_kv, block_size=self.compress_block_size,
             stride=self.compress_block_sliding_stride, causal=self.causal, scale=self.scale,
@@ -281,8 +283,6 @@ class SparseAttention(nn.Module):
                   num_selected=self.num_selected_blocks, causal=self.causal,
                   share=self.query_heads_share_selected_kv, scale=self.scale,
                   interpolated=self.interpolated_importance_score, query_offset=query_offset)
-        from .kernels import topk as topk_ops
-
         return topk_ops.select_topk(q, ck_all, **kw, **self._op_kwargs())
 
     def _selected_branch(self, rq: Tensor, rk: Tensor, v: Tensor, q: Tensor, ck_all: Tensor,
@@ -300,15 +300,11 @@ class SparseAttention(nn.Module):
             gates = reference.diff_topk_gates(values)  # forward value 1, gradient to the scores
         kw = dict(block_size=self.selection_block_size, causal=self.causal, scale=self.scale,
                   query_offset=query_offset)
-        from .kernels import selected as selected_ops
-
         return selected_ops.selected_attention(rq, rk, v, idx, valid, gates, **kw, **self._op_kwargs())
 
     def _sliding_branch(self, rq: Tensor, rk: Tensor, v: Tensor, query_offset: int = 0) -> Tensor:
         """Spec 6."""
         kw = dict(window=self.sliding_window_size, causal=self.causal, scale=self.scale, query_offset=query_offset)
-        from .kernels import window as window_ops
-
         return window_ops.sliding_window_attention(rq, rk, v, **kw, **self._op_kwargs())
 
     def _combine(self, hx: Tensor, o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor):

@@ -10,6 +10,16 @@ from dataclasses import asdict, dataclass
 
 from ..kernels import family_of
 
+
+def pow2(x: int) -> int:
+    """The next power of two >= x (>= 1)."""
+    return 1 << (max(1, x) - 1).bit_length()
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """BLOCK_D: tiles pad the head dim to a power of two >= 16 and mask the rest."""
+    return pow2(max(16, head_dim))
+
 GENERATOR_VERSION = "0.1.0"
 
 @dataclass(frozen=True)

@@ -15,21 +15,14 @@ from typing import Callable, Optional
 
 import torch
 
+from ..codegen.spec import padded_head_dim
+
 LAUNCH_KEYS = ("num_warps", "num_stages")  # launch options; other non-`max_*` keys are constexprs
 
 
 def interpreting() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1) runs the plain launchers on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def pow2(x: int) -> int:
-    return 1 << (max(1, x) - 1).bit_length()
-
-
-def padded_head_dim(d: int) -> int:
-    """BLOCK_D: tiles pad the head dim to a power of two >= 16 and mask the rest."""
-    return pow2(max(16, d))
 
 
 def no_wrap(kernel):

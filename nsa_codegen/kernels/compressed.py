@@ -25,7 +25,7 @@ from ..codegen import cache
 from . import FAMILIES, dense
 from ._launch import head_group, no_wrap, report, route
 from .checks import require_bool, require_int, require_saved, require_scale
-from .dense import check_attention_tensors, check_launch, launch_config, tuned_launch_config
+from .dense import check_attention_tensors, check_launch, tuned_launch_config
 
 PUBLIC = "nsa_codegen.kernels.compressed.compressed_attention"
 

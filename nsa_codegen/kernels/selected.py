@@ -25,8 +25,8 @@ import triton
 from ..codegen import cache
 from ..reference import usable_selection  # one selection contract, shared with the reference
 from . import FAMILIES, _launch
-from ._launch import choose_config, no_wrap, padded_head_dim, pow2, report, require_launch_device, route, split
-from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE, INDEX_DTYPES  # noqa: F401
+from ..codegen.spec import padded_head_dim, pow2
+from ._launch import choose_config, no_wrap, report, require_launch_device, route, split
 from .checks import (alert_not_deterministic, require_bool, require_float, require_head_dim, require_heads,
                      require_index_dtype, require_int, require_int32_extent, require_kernel_dtype,
                      require_last_dim_contiguous, require_one_device, require_positive_int, require_same_dtype,

@@ -33,9 +33,9 @@ import triton
 from ..codegen import cache
 from ..reference import selection_mapping  # one rule for (a)/(b)/(c), shared with the oracle
 from . import FAMILIES
-from ._launch import choose_config, head_group, no_wrap, padded_head_dim, pow2, report, require_launch_device, route
-from .checks import FLOAT_DTYPES, HEAD_DIM_MAX  # noqa: F401
-from .checks import (alert_not_deterministic, is_int, require_4d, require_bool, require_float, require_heads,
+from ..codegen.spec import padded_head_dim, pow2
+from ._launch import choose_config, head_group, no_wrap, report, require_launch_device, route
+from .checks import (HEAD_DIM_MAX, alert_not_deterministic, is_int, require_4d, require_bool, require_float, require_heads,
                      require_index_dtype, require_kernel_dtype, require_int, require_one_device, require_positive_int,
                      require_same_device, require_same_dtype, require_scale, require_tensor)
 

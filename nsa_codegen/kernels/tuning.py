@@ -47,7 +47,8 @@ import triton
 
 from ..codegen import cache
 from ..codegen.cache import file_lock
-from ._launch import _default_split, fitting_configs, split
+from ..codegen.spec import padded_head_dim, pow2
+from ._launch import _default_split, fitting_configs, interpreting, split
 
 TABLE_FORMAT = 1
 TABLE_NAME = "tuning.json"
@@ -93,7 +94,7 @@ class TuneKey:
 
 
 def n_bucket(n: int) -> int:
-    return 1 << (max(1, int(n)) - 1).bit_length()
+    return pow2(int(n))
 
 
 def variant_name(module) -> str:
@@ -149,7 +150,7 @@ def benchmark_blocker(probe: torch.Tensor) -> Optional[str]:
     """Why a call with input `probe` must not benchmark (None: it may)."""
     if not tuning_enabled():
         return f"{ENV_TUNE}=0"
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return "TRITON_INTERPRET=1"
     if type(probe) not in (torch.Tensor, torch.nn.Parameter):
         return f"tensor subclass {type(probe).__name__} (fake / functional / traced)"
@@ -347,7 +348,7 @@ def kernel_config(module, kernel: Optional[str], head_dim: int, dtype: torch.dty
 
 def _resolve(module, kernel, head_dim, dtype, n, probe, run, bench_fn) -> tuple[dict, dict]:
     """The cold path of `kernel_config`: table, else benchmark, else the default."""
-    block_d, dtype_bytes = n_bucket(max(16, head_dim)), torch.finfo(dtype).bits // 8
+    block_d, dtype_bytes = padded_head_dim(head_dim), torch.finfo(dtype).bits // 8
     if not tuning_enabled() or n is None:
         return _default_split(module, block_d, dtype_bytes)
     memo_key = (module, kernel, head_dim, dtype, n_bucket(n), probe.device)

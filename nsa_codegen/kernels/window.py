@@ -23,7 +23,6 @@ import triton
 from ..codegen import cache
 from . import FAMILIES
 from ._launch import head_group, no_wrap, report, route
-from .checks import FLOAT_DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE  # noqa: F401
 from .checks import require_bool, require_int, require_saved, require_scale
 from . import dense
 from .dense import check_attention_tensors, check_launch, launch_config

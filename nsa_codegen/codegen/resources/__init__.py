@@ -24,14 +24,6 @@ MAX_HEAD_DIM = HEAD_DIMS[-1]
 BM, BN, D, S, B, W = sympy.symbols("BLOCK_M BLOCK_N D stages bytes num_warps", positive=True, integer=True)
 
 
-def pow2(x: int) -> int:
-    return 1 << (max(1, x) - 1).bit_length()
-
-
-def padded_head_dim(head_dim: int) -> int:
-    return pow2(max(16, head_dim))
-
-
 @dataclass(frozen=True)
 class Formula:
     """Shared memory (bytes) and registers per thread as sympy expressions over `symbols`."""

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import sympy
 
-from . import BM, BN, B, D, MAX_HEAD_DIM, S, W, Formula, padded_head_dim, prune
-from ..spec import VariantSpec
+from . import BM, BN, B, D, MAX_HEAD_DIM, S, W, Formula, prune
+from ..spec import VariantSpec, padded_head_dim
 
 _FWD_SMEM = S * 2 * BN * D * B + BM * D * B + BM * BN * B
 _FWD_REGS = (BM * D + 3 * BM * BN + BM * D * B / 4 + 2 * BN * D * B / 4) / (32 * W) + 32

@@ -30,8 +30,8 @@ import itertools
 
 import sympy
 
-from . import BM, BN, B, D, MAX_HEAD_DIM, S, W, Formula, padded_head_dim, pow2, prune
-from ..spec import VariantSpec
+from . import BM, BN, B, D, MAX_HEAD_DIM, S, W, Formula, prune
+from ..spec import VariantSpec, padded_head_dim, pow2
 
 FORMULAS = {
     "select_fwd": Formula(S * 2 * BN * D * B + BM * D * B + BM * BN * B,

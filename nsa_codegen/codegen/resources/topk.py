@@ -41,8 +41,8 @@ import itertools
 
 import sympy
 
-from . import B, D, S, W, Formula, padded_head_dim, prune
-from ..spec import VariantSpec
+from . import B, D, S, W, Formula, prune
+from ..spec import VariantSpec, padded_head_dim
 
 MODEL_KP = 32  # top-k list width assumed at render time (kk <= 32 covers the paper's k = 16)
 
