@@ -26,6 +26,9 @@ What is timed (bf16, b=1, H=64, K=4 so G=16, d=128, l=32, s=16, l'=64, k=16, W=5
   attention + importance/top-k + selected + sliding window + gated combine) via
   ``nsa_codegen.reference.nsa_attention``; each row says which branches ran on kernels and which ran
   the pure-PyTorch reference. Plus fla's parallel_nsa compression + top-k + selection path.
+- section ``first_call``: the wait for a first forward + backward in a fresh process, cold caches (with
+  and without the shipped tuning table, candidates compiled in parallel or one after another) and warm
+  ones (benchmarks/first_call.py).
 
 Timing: CUDA events. Calls under ~40 ms go through ``triton.testing.do_bench`` (median and 20/80
 quantiles, L2 flushed before each call); longer calls use the same method by hand (events around each
@@ -58,7 +61,7 @@ CONFIG = dict(b=1, H=64, K=4, d=128, compress_block_size=32, stride=16, selectio
 FULL_NS = [4096, 8192, 16384, 32768, 65536]
 QUICK_NS = [4096, 16384]
 GQA_GS = [1, 2, 4, 8, 16]
-SECTIONS = ("check", "selected", "gqa", "layer", "flex")
+SECTIONS = ("check", "selected", "gqa", "layer", "flex", "first_call")
 
 LABELS = {
     "ours": "ours: nsa_codegen generated Triton",
@@ -1524,7 +1527,7 @@ def main(argv=None) -> int:
     ceilings = {}
 
     # phase weights: each phase gets its share of what is left when it starts
-    weights = dict(check=0.10, selected=0.33, gqa=0.14, layer=0.33, flex=0.10)
+    weights = dict(check=0.10, selected=0.30, gqa=0.13, layer=0.30, flex=0.09, first_call=0.08)
     todo = [s for s in SECTIONS if s in args.sections]
 
     def phase_deadline(name):
@@ -1591,6 +1594,10 @@ def main(argv=None) -> int:
             elif name == "flex":
                 phase_selected(bench, args.flex_ns, dl, section="flex",
                                impls=[("flex", impl_flex, 1.0)])
+            elif name == "first_call":
+                from benchmarks import first_call
+
+                first_call.phase(bench, max(dl, time.perf_counter() + 60))
         except Exception as exc:  # noqa: BLE001 - a phase crash must not lose the others
             bench.notes.append(f"phase {name} crashed: {_short_err(exc)}")
             traceback.print_exc()

@@ -49,10 +49,32 @@ def _bench(args) -> int:
     return bench_main(args.rest)
 
 
+def _tune(args) -> int:
+    from .tune import run
+
+    return run(args.presets.split(","), [int(n) for n in args.lengths.split(",")], args.dtypes.split(","),
+               args.shipped)
+
+
 def _demo(args) -> int:
     from .demo import main as demo_main
 
     return demo_main()
+
+
+def _choices(name: str, allowed):
+    def parse(text: str) -> str:
+        bad = [t for t in text.split(",") if t not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; allowed: {sorted(allowed)}")
+        return text
+    return parse
+
+
+def _lengths(text: str) -> str:
+    if not all(t.isdigit() and int(t) > 0 for t in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return text
 
 
 def main(argv=None) -> int:
@@ -79,6 +101,18 @@ def _main(argv=None) -> int:
     cache_p.set_defaults(fn=_cache)
     # listed for --help only: main() hands `bench ...` to benchmarks/bench.py before parsing
     sub.add_parser("bench", help="run benchmarks/bench.py (GPU); its options follow, e.g. --quick")
+    from .tune import DEFAULT_LENGTHS, DTYPES, PRESETS
+
+    tune_p = sub.add_parser("tune", help="tune the kernels of common layer shapes on this GPU ahead of time")
+    tune_p.add_argument("--presets", default=",".join(PRESETS), type=_choices("presets", PRESETS),
+                        help=f"comma-separated, of {sorted(PRESETS)}")
+    tune_p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), type=_lengths,
+                        help="comma-separated sequence lengths")
+    tune_p.add_argument("--dtypes", default=",".join(DTYPES), type=_choices("dtypes", DTYPES),
+                        help=f"comma-separated, of {sorted(DTYPES)}")
+    tune_p.add_argument("--shipped", action="store_true",
+                        help="also merge this GPU's winners into the package's shipped table")
+    tune_p.set_defaults(fn=_tune)
     sub.add_parser("demo", help="run SparseAttention on CPU and print shapes, time and paths").set_defaults(fn=_demo)
     args = parser.parse_args(argv)
     return args.fn(args)

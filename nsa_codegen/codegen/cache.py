@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
+from ..kernels import progress
 from . import render as _render
 from .spec import GENERATOR_VERSION, VariantSpec
 
@@ -358,6 +359,7 @@ def _import_text(module_name: str, path: Path, text: str) -> types.ModuleType:
 @cache
 def load_variant(spec: VariantSpec) -> types.ModuleType:
     """Import the generated module of `spec` (cached in-process)."""
+    progress.install()  # a cold first call says on stderr that it is compiling
     path, text = _shipped_source(spec) or _cached_source(spec)
     return _import_text(f"nsa_codegen._variants.{spec.name}", path, text)
 

@@ -8,9 +8,14 @@ tuning, a CUDA forward looks its key up
 
   1. in an in-process dict (the hot path once warm: a dict lookup, no host sync),
   2. in a JSON table in the user cache dir (`cache.cache_dir() / "tuning.json"`),
-  3. else benchmarks every fitting config (`triton.testing.do_bench`, few reps, on the call's own
-     inputs with scratch outputs: the caller's tensors are never written by a candidate) and persists
-     the fastest (file lock, re-read, merge, write to a temp file, atomic rename).
+  3. in the table the package ships (`tuning_shipped.json` beside this file, written by
+     `python -m nsa_codegen tune` on the GPUs the project is checked on; matched without the Triton
+     version; `NSA_CODEGEN_SHIPPED_TUNING=0` ignores it),
+  4. else compiles every fitting config at once on a few threads (`NSA_CODEGEN_COMPILE_THREADS`),
+     benchmarks each (`triton.testing.do_bench`, few reps, on the call's own inputs with scratch
+     outputs: the caller's tensors are never written by a candidate) and persists the fastest (file
+     lock, re-read, merge, write to a temp file, atomic rename). A line on stderr says so
+     (`progress`).
 
 Key (`TuneKey`): variant name, head dim, dtype, n bucket (next power of two of the sequence length),
 GPU name, Triton version. An entry also records the fitting candidate list it was measured against;
@@ -37,6 +42,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,11 +54,15 @@ import triton
 from ..codegen import cache
 from ..codegen.cache import file_lock
 from ..codegen.spec import padded_head_dim, pow2
+from . import progress
 from ._launch import _default_split, fitting_configs, interpreting, split
 
 TABLE_FORMAT = 1
 TABLE_NAME = "tuning.json"
+SHIPPED_NAME = "tuning_shipped.json"  # beside this file: winners measured on the GPUs the project runs on
+ENV_SHIPPED = "NSA_CODEGEN_SHIPPED_TUNING"
 ENV_TUNE = "NSA_CODEGEN_TUNE"
+ENV_THREADS = "NSA_CODEGEN_COMPILE_THREADS"
 BENCH_WARMUP_MS = 5  # triton.testing.do_bench budgets: a few reps per candidate
 BENCH_REP_MS = 25
 
@@ -233,6 +243,25 @@ def lookup(key: TuneKey, candidates) -> Optional[dict]:
     return _valid_entry(load_table().get(str(key)), candidates)
 
 
+def shipped_table_path() -> Path:
+    return Path(__file__).with_name(SHIPPED_NAME)
+
+
+def shipped_key(key: TuneKey) -> str:
+    """A shipped entry's key: the user table's without the Triton version (tile winners measured with
+    one Triton release are a better start than the untuned default under the next; the candidate digest
+    still guards against changed templates)."""
+    return str(key).rsplit("|triton-", 1)[0]
+
+
+def lookup_shipped(key: TuneKey, candidates) -> Optional[dict]:
+    """The winner the package ships for `key` (measured on that GPU model), None when absent or stale,
+    or when `NSA_CODEGEN_SHIPPED_TUNING=0`."""
+    if os.environ.get(ENV_SHIPPED, "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    return _valid_entry(load_table(shipped_table_path()).get(shipped_key(key)), candidates)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -286,6 +315,43 @@ def default_bench(fn: Callable[[], None]) -> float:
     return float(do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS, return_mode="median"))
 
 
+def compile_threads() -> int:
+    """Worker threads that compile tuning candidates at once (`NSA_CODEGEN_COMPILE_THREADS`, default:
+    the CPU count, at most 8; 1 compiles one after another)."""
+    raw = os.environ.get(ENV_THREADS, "").strip()
+    if not raw:
+        return max(1, min(8, os.cpu_count() or 1))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{ENV_THREADS}={raw!r}: expected a positive number of threads")
+    return value
+
+
+def precompile(candidates, run: Callable[[dict], None], stream=None) -> None:
+    """Launch every candidate once from a pool of threads, so their compiles overlap (ptxas runs as a
+    subprocess; how much of the rest overlaps depends on the Triton build, and the first-call benchmark
+    measures the total). The launches write scratch outputs only; they run
+    on the caller's stream and device, so they are ordered after whatever produced the inputs. A failure
+    here is ignored: the timing loop meets it again and scores the candidate inf."""
+    threads = min(compile_threads(), len(candidates))
+    if threads <= 1:
+        return
+
+    def launch(config):
+        with contextlib.ExitStack() as stack:
+            if stream is not None:
+                stack.enter_context(torch.cuda.device(stream.device))
+                stack.enter_context(torch.cuda.stream(stream))
+            with contextlib.suppress(Exception):
+                run(config)
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nsa-compile") as pool:
+        list(pool.map(launch, candidates))
+
+
 def benchmark(candidates, run: Callable[[dict], None], bench_fn: Callable) -> list[float]:
     """Time of each candidate (`run(config)` launches once); inf for one that fails (e.g. too little
     shared memory at compile time)."""
@@ -301,14 +367,22 @@ def benchmark(candidates, run: Callable[[dict], None], bench_fn: Callable) -> li
 
 
 def choose(key: TuneKey, candidates, run: Callable[[dict], None], *, may_bench: bool,
-           bench_fn: Optional[Callable] = None) -> Optional[dict]:
-    """The config for `key`: the persisted one if valid, else (when `may_bench`) the fastest candidate,
-    persisted; None when neither (the caller uses its default and does not memoize it)."""
+           bench_fn: Optional[Callable] = None, probe: Optional[torch.Tensor] = None) -> Optional[dict]:
+    """The config for `key`: the user table's if valid, else the shipped table's, else (when
+    `may_bench`) the fastest candidate, persisted; None when none of these (the caller uses its default
+    and does not memoize it)."""
     persisted = lookup(key, candidates)
     if persisted is not None:
         return _note(key, "table", persisted)
+    shipped = lookup_shipped(key, candidates)
+    if shipped is not None:
+        return _note(key, "shipped", shipped)
     if not may_bench:
         return _note(key, "none", None)
+    progress.say(f"tuning {key.variant} (head dim {key.head_dim}, {key.dtype}, length <= {key.n_bucket}): "
+                 f"compiling and timing {len(candidates)} tile configs, once per GPU (kept in {table_path()})")
+    if probe is not None and probe.is_cuda:  # only a GPU compiles (the interpreter has nothing to overlap)
+        precompile(candidates, run, torch.cuda.current_stream(probe.device))
     times = benchmark(candidates, run, bench_fn or default_bench)
     best = min(range(len(candidates)), key=lambda i: (times[i], i))  # ties: render-time order
     if not math.isfinite(times[best]):
@@ -363,7 +437,7 @@ def _resolve(module, kernel, head_dim, dtype, n, probe, run, bench_fn) -> tuple[
         variant = variant_name(module) + (f":{kernel}" if kernel else "")
         key = make_key(variant, head_dim, dtype, n, probe.device)
         reason = benchmark_blocker(probe)
-        config = choose(key, candidates, run, may_bench=reason is None, bench_fn=bench_fn)
+        config = choose(key, candidates, run, may_bench=reason is None, bench_fn=bench_fn, probe=probe)
         if config is None:
             if reason is None:  # every candidate failed (e.g. out of memory): default, for this process
                 _MEMO[memo_key] = _default_split(module, block_d, dtype_bytes)
