@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g16_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "cmp_bwd", "group": 16}
-# template_sha256: 0291ac0428124ad069c07899c03e9e9473b15d5645b83c5b16adbe59b64264ea
+# template_sha256: 38dc8ff8f54934843b210d17650033c6100eec9cf4cd09b27853996e33280165
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -184,6 +184,7 @@ def dq_kernel(
         delta_acc += tl.sum(p * dp, 1)
         pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
+    # the last partial tile
     for start_n in range(full_hi, N_KV, BLOCK_N):
         key = start_n + offs_n
         col_ok = key < N_KV

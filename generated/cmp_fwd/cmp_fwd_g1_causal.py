@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_fwd_g1_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_fwd", "group": 1}
-# template_sha256: a1a871a4aeace5824185cdc55c2e018c483a847890e524cbcac69623b7668333
+# template_sha256: 736ad2ae48f6db3ded984cc9de60830da6d7e7ecceb0cf4e9e11255bcfae631d
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -117,7 +117,6 @@ def kernel(
         k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale
-        # memory rows always; compressed block w = key - NUM_MEM iff (w + 1) * STRIDE - 1 < pos
         visible = (key[None, :] < NUM_MEM + pos[:, None] // STRIDE) & col_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

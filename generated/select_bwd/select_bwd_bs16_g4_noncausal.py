@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_bwd_bs16_g4_noncausal
 # spec: {"block_size": 16, "causal": false, "family": "select_bwd", "group": 4}
-# template_sha256: 5220b11bc031f5833eedea6dcb639b4a22d0c6d2c6042668df56fd588b3c7fc9
+# template_sha256: 96483709b912ea70f27d6320cbe9cc9552b8c714054341e70f8b24c0e4698bc8
 # configs kept (6):
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs128_g1_noncausal
 # spec: {"block_size": 128, "causal": false, "family": "select_fwd", "group": 1}
-# template_sha256: 815a5b6692dc515dce0b8ea3c12c9a986277d856d315eff39a30fa643ed6dec6
+# template_sha256: eb0bc520e5c16cf40df6cd3e0e77e6d684dc6d34755c52f04ef43f91ab504974
 # configs kept (2):
 #   {"BLOCK_N": 128, "max_d16": 256, "max_d32": 128, "num_stages": 1, "num_warps": 4}
 #   {"BLOCK_N": 128, "max_d16": 256, "max_d32": 128, "num_stages": 1, "num_warps": 8}

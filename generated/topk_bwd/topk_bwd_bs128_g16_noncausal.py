@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: topk_bwd_bs128_g16_noncausal
 # spec: {"block_size": 128, "causal": false, "family": "topk_bwd", "group": 16}
-# template_sha256: c18a4e9a41c678a8fda342fa107cdf21986c296875190b165c23b65d4c5f21bf
+# template_sha256: 924a1341c4c08320caf3116faeed34ceb7ecbd67eaa85f8bbe92da63aa8cb590
 # configs kept (21):
 #   {"BLOCK_M": 32, "BLOCK_U": 32, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 32, "BLOCK_U": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 4}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_bwd_g1_causal
 # spec: {"block_size": 0, "causal": true, "family": "window_bwd", "group": 1}
-# template_sha256: 6d4e6323d000232d96788738c3615d22aa37fcea263fda46209ac90cb75a369e
+# template_sha256: 27897f0aab45e126baeca2c88932cf71216fba85e6aad200888e2f9859a48fed
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}
@@ -220,7 +220,7 @@ def dq_kernel(
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
 
-    # the tile's key band on the BLOCK_N grid, as in the forward
+    # the band of the tile, on the BLOCK_N grid: [start, end); [full_lo, full_hi) needs no mask
     lo = tl.maximum(p_first - WINDOW, 0)
     hi = tl.minimum(p_last + 1, N_K)
     full_end = tl.minimum(p_first + 1, N_K)
@@ -234,6 +234,7 @@ def dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j P_ij k_j
     delta_acc = tl.zeros([BLOCK_M], tl.float32)  # sum_j P_ij dP_ij
+    # left edge: keys below some row's window start
     for start_n in range(start, full_lo, BLOCK_N):
         key = start_n + offs_n
         col_ok = key < N_K
@@ -249,6 +250,7 @@ def dq_kernel(
         delta_acc += tl.sum(p * dp, 1)
         pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
+    # interior: every key visible to every row
     for start_n in range(full_lo, full_hi, BLOCK_N):
         key = start_n + offs_n
         kv_mask = d_ok[None, :]
@@ -262,6 +264,7 @@ def dq_kernel(
         delta_acc += tl.sum(p * dp, 1)
         pk += tl.dot(p.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
+    # right edge: the diagonal (keys after some row's position)
     for start_n in range(full_hi, end, BLOCK_N):
         key = start_n + offs_n
         col_ok = key < N_K
