@@ -294,6 +294,38 @@ def plot_branches(res, path):
     return True
 
 
+def plot_first_call(res, path):
+    """Seconds from building the layer to the end of its first forward + backward, per scenario (fresh
+    processes; import time shown apart)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(res, "first_call")
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    names = [r["impl"] for r in rows]
+    ax.barh(names, [r["first_s"] for r in rows], color="tab:blue", label="first forward + backward")
+    ax.barh(names, [r["import_s"] for r in rows], left=[r["first_s"] for r in rows], color="tab:gray",
+            alpha=0.5, label="import torch + nsa_codegen")
+    for i, r in enumerate(rows):
+        ax.text(r["first_s"] + r["import_s"], i, f"  {r['first_s']:.1f} s (+{r['import_s']:.1f} s import)",
+                va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_xlim(0, max(r["first_s"] + r["import_s"] for r in rows) * 1.45)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    m = res["meta"]
+    fig.suptitle(f"First call of the README's example layer (H=8, K=2, d=64, l'=16, bf16, n={rows[0]['n']}), "
+                 f"fresh process\n{m.get('gpu', '?')}, torch {m.get('torch')}, triton {m.get('triton')}, "
+                 f"{m.get('date_utc', '')[:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_all(json_path, out_dir=None) -> list[Path]:
     json_path = Path(json_path)
     res = json.loads(json_path.read_text())
@@ -301,13 +333,17 @@ def plot_all(json_path, out_dir=None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = json_path.stem
     written = []
-    for mode in ("fwd", "fwdbwd"):
-        p = out / f"{stem}_time_{mode}.png"
-        plot_time(res, mode, p)
+    if any(r["section"] in ("selected", "flex") for r in res["rows"]):
+        for mode in ("fwd", "fwdbwd"):
+            p = out / f"{stem}_time_{mode}.png"
+            plot_time(res, mode, p)
+            written.append(p)
+        p = out / f"{stem}_speedup.png"
+        plot_speedup(res, p)
         written.append(p)
-    p = out / f"{stem}_speedup.png"
-    plot_speedup(res, p)
-    written.append(p)
+    p = out / f"{stem}_first_call.png"
+    if plot_first_call(res, p):
+        written.append(p)
     p = out / f"{stem}_gqa.png"
     if plot_gqa(res, p):
         written.append(p)
