@@ -211,3 +211,25 @@ def _compare_on_cuda(attn32, x, dtype):
         p.grad = None
     low = copy.deepcopy(attn32).to(dtype)
     return _compare_runs(attn32, x, low, x.to(dtype), dtype)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_and_backward_never_wait_for_the_host(dtype):
+    """No host synchronisation in a warm forward + backward (the first call may tune, which times
+    kernels): `torch.cuda.set_sync_debug_mode("error")` raises on any synchronising call."""
+    torch.manual_seed(0)
+    attn = SparseAttention(dim=256, dim_head=64, heads=8, kv_heads=2, causal=True, sliding_window_size=64,
+                           compress_block_size=16, compress_block_sliding_stride=8, selection_block_size=16,
+                           num_selected_blocks=4).cuda().to(dtype)
+    x = torch.randn(2, 1000, 256, device="cuda", dtype=dtype, requires_grad=True)
+    attn(x).float().sum().backward()  # warm: compile, tune, fill the in-process memo
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = attn(x)
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert set(attn.last_paths.values()) == {"triton"}, attn.last_paths
