@@ -156,7 +156,7 @@ def test_bad_constructor_arguments(kwargs, match):
     (lambda m, p: m(p + 64), r"tokens ids must be in \[0, num_tokens=64\), got values in"),
     (lambda m, p: m(p[0]), r"tokens must have shape \(batch, seq_len\)"),
     (lambda m, p: m(p, cache=m(p, return_cache=True)[1]), r"exactly one new token"),
-    (lambda m, p: m(p[:, :1], cache=[]), r"cache must be the list of 2 DecodeCaches"),
+    (lambda m, p: m(p[:, :1], cache=[]), r"cache must be the list of 2 StaticCaches"),
     (lambda m, p: m(p[:1, :1], cache=m(p, return_cache=True)[1]), r"cache was made for batch 2"),
 ])
 def test_bad_call_arguments(call, match):
