@@ -22,7 +22,7 @@ from .kernels import selected as selected_ops
 from .kernels import topk as topk_ops
 from .kernels import window as window_ops
 
-__all__ = ["SparseAttention", "StaticCache", "DecodeCache", "CacheBuffers"]
+__all__ = ["SparseAttention", "StaticCache", "DecodeCache", "CacheBuffers", "check_lengths"]
 
 BRANCHES = ("compressed", "selected", "sliding")
 
@@ -75,12 +75,28 @@ class CacheBuffers:
     def _grow(self, capacity: int) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def _grown(buffer: Tensor, rows: int) -> Tensor:
+        """`buffer` (b, r, ...) copied into a zero buffer of `rows` >= r rows."""
+        out = buffer.new_zeros((buffer.shape[0], rows, *buffer.shape[2:]))
+        out[:, :buffer.shape[1]] = buffer
+        return out
 
-def _grown(buffer: Tensor, rows: int) -> Tensor:
-    """`buffer` (b, r, ...) copied into a zero buffer of `rows` >= r rows."""
-    out = buffer.new_zeros((buffer.shape[0], rows, *buffer.shape[2:]))
-    out[:, :buffer.shape[1]] = buffer
-    return out
+
+def check_lengths(lengths, b: int, n: int, device) -> Tensor:
+    """Per-sequence prompt lengths of a prefill: an integer tensor (b,) on the input's device with values in
+    [0, n]; returned as int64. Read on the host: a prefill may synchronize (decoding steps do not)."""
+    if not isinstance(lengths, Tensor) or tuple(lengths.shape) != (b,) or lengths.dtype.is_floating_point or \
+            lengths.dtype == torch.bool or lengths.is_complex():
+        got = (f"{lengths.dtype} tensor of shape {tuple(lengths.shape)}" if isinstance(lengths, Tensor)
+               else type(lengths).__name__)
+        raise ValueError(f"lengths must be an integer tensor of shape (batch,) = ({b},), got {got}")
+    if lengths.device != device:
+        raise ValueError(f"lengths is on {lengths.device} but inp is on {device}")
+    lengths = lengths.long()
+    if b and bool(((lengths < 0) | (lengths > n)).any()):
+        raise ValueError(f"lengths must lie in [0, {n}] (the prompt's padded length), got {lengths.tolist()}")
+    return lengths
 
 
 class StaticCache(CacheBuffers):
@@ -116,9 +132,9 @@ class StaticCache(CacheBuffers):
         return self.k.dtype
 
     def _grow(self, capacity: int) -> None:
-        self.k, self.v = _grown(self.k, capacity), _grown(self.v, capacity)
+        self.k, self.v = self._grown(self.k, capacity), self._grown(self.v, capacity)
         rows = self.num_mem + capacity // self.stride
-        self.ck, self.cv = _grown(self.ck, rows), _grown(self.cv, rows)
+        self.ck, self.cv = self._grown(self.ck, rows), self._grown(self.cv, rows)
 
     def __repr__(self) -> str:
         return (f"StaticCache(batch={self.batch}, max_seq_len={self.max_seq_len}, seq_len={self.seq_len}, "
@@ -464,7 +480,7 @@ class SparseAttention(nn.Module):
         if lengths is None:
             lengths = torch.full((b,), n, device=inp.device, dtype=torch.long)
         else:
-            lengths = self._check_lengths(lengths, b, n, inp.device)
+            lengths = check_lengths(lengths, b, n, inp.device)
         out, parts = self._parallel(inp)
         if cache is None:
             cache = self._new_cache(b, max(2 * n, 64), inp.device, parts["k"].dtype, growable=True)
@@ -490,22 +506,6 @@ class SparseAttention(nn.Module):
             cache.lengths.copy_(lengths)
         cache.seq_len = n
         return out, cache
-
-    def _check_lengths(self, lengths, b: int, n: int, device) -> Tensor:
-        """Prompt lengths (b,) integer in [0, n]. Checked on the host: a prefill may synchronize (decoding
-        steps do not)."""
-        if not isinstance(lengths, Tensor) or lengths.shape != (b,) or lengths.dtype.is_floating_point or \
-                lengths.dtype == torch.bool or lengths.is_complex():
-            got = (f"{lengths.dtype} tensor of shape {tuple(lengths.shape)}" if isinstance(lengths, Tensor)
-                   else type(lengths).__name__)
-            raise ValueError(f"lengths must be an integer tensor of shape (batch,) = ({b},), got {got}")
-        if lengths.device != device:
-            raise ValueError(f"lengths is on {lengths.device} but inp is on {device}")
-        lengths = lengths.long()
-        if b and bool(((lengths < 0) | (lengths > n)).any()):
-            raise ValueError(f"lengths must lie in [0, {n}] (the prompt's padded length), got "
-                             f"{lengths.tolist()}")
-        return lengths
 
     def _decode(self, inp: Tensor, cache: StaticCache) -> Tensor:
         """The n tokens of `inp`, one position per step."""
@@ -566,6 +566,8 @@ class SparseAttention(nn.Module):
         every sequence and written where it closes (its row is rewritten unchanged elsewhere). It is
         visible from pos + 1 on."""
         l, s, M = self.compress_block_size, self.compress_block_sliding_stride, self.num_mem_compress_kv
+        if cache.ck.shape[1] == M:  # max_seq_len < s: no block closes within the capacity
+            return
         bi = cache.batch_index
         tok = pos[:, None] + 1 - l + torch.arange(l, device=pos.device)  # (b, l): the window's tokens
         keep = (tok >= 0)[:, :, None, None]

@@ -228,6 +228,17 @@ def test_static_cache_with_fixed_lengths_equals_growable_cache():
         torch.testing.assert_close(static, decode(attn, x, 9), atol=ATOL, rtol=0)
 
 
+def test_capacity_shorter_than_one_stride():
+    """max_seq_len < s: the cache has no compressed row, no block ever closes."""
+    attn = make_module(kv_heads=2, l=8, s=4, sel=4)
+    x = torch.randn(2, 3, DIM)
+    with torch.no_grad():
+        cache = attn.init_cache(2, 3)
+        assert cache.ck.shape[1] == 1
+        out = torch.cat((attn(x[:, :1], cache=cache), attn(x[:, 1:], cache=cache)), 1)
+        torch.testing.assert_close(out, attn(x), atol=ATOL, rtol=0)
+
+
 def test_several_tokens_per_call_equal_single_steps():
     attn = make_module(kv_heads=2, l=5, s=2, sel=8)
     x = torch.randn(2, 25, DIM)
