@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .kernels import compressed as compressed_ops
+from .kernels import decode as decode_ops
 from .kernels import selected as selected_ops
 from .kernels import topk as topk_ops
 from .kernels import window as window_ops
@@ -534,17 +535,15 @@ class SparseAttention(nn.Module):
         cache.raw_v.index_put_((bi, pos % l), v)
 
         # compressed branch: the memory rows and the pos // s blocks that close before pos (spec 2)
-        o_cmp = reference.decode_range_attention(q, cache.ck, cache.cv, torch.zeros_like(pos), M + pos // s,
-                                                 max_keys=cache.ck.shape[1], scale=self.scale)[0]
-        self.last_paths["compressed"] = "reference"
+        kw = dict(scale=self.scale, **self._op_kwargs())
+        o_cmp = decode_ops.decode_range_attention(q, cache.ck, cache.cv, torch.zeros_like(pos), M + pos // s,
+                                                  max_keys=cache.ck.shape[1], branch="compressed", **kw)
         idx, valid = self._decode_select(q, cache, pos)
-        o_slc = reference.decode_selected_attention(rq, cache.k, cache.v, idx, valid, pos,
-                                                    block_size=self.selection_block_size, scale=self.scale)[0]
-        self.last_paths["selected"] = "reference"
+        o_slc = decode_ops.decode_selected_attention(rq, cache.k, cache.v, idx, valid, pos,
+                                                     block_size=self.selection_block_size, **kw)
         W = self.sliding_window_size
-        o_swa = reference.decode_range_attention(rq, cache.k, cache.v, (pos - W).clamp(min=0), pos + 1,
-                                                 max_keys=W + 1, scale=self.scale)[0]
-        self.last_paths["sliding"] = "reference"
+        o_swa = decode_ops.decode_range_attention(rq, cache.k, cache.v, (pos - W).clamp(min=0), pos + 1,
+                                                  max_keys=W + 1, branch="sliding", **kw)
 
         self._compress_step(cache, pos)
         cache.lengths.add_(1)
@@ -552,7 +551,8 @@ class SparseAttention(nn.Module):
         return self._combine(hx, o_cmp[:, None], o_slc[:, None], o_swa[:, None])
 
     def _decode_select(self, q: Tensor, cache: StaticCache, pos: Tensor):
-        """Spec 4 for the decoded tokens: (block_idx, block_valid) (b, Hs, kk), kk static."""
+        """Spec 4 for the decoded tokens: (block_idx, block_valid) (b, Hs, kk), kk static. The reference on
+        every device (static shapes, no host read): the top-k kernels take one query offset for the batch."""
         idx, valid, _ = reference.decode_select_topk(
             q, cache.ck, pos, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
             selection_block_size=self.selection_block_size, num_selected=self.num_selected_blocks,
