@@ -258,10 +258,17 @@ SYNCING = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__ind
            "masked_select")
 
 
-def test_decoding_step_is_static_and_never_syncs(monkeypatch):
+@pytest.mark.parametrize("route", ["reference", "ops"])
+def test_decoding_step_is_static_and_never_syncs(monkeypatch, route):
     """What CUDA-graph capture needs, checked on CPU: across steps the cache's tensors keep their addresses
     and shapes, every output has the same shape, and a step never reads a tensor's value on the host
-    (the host-reading Tensor methods and data-dependent-shape ops raise while the steps run)."""
+    (the host-reading Tensor methods and data-dependent-shape ops raise while the steps run). "ops": the
+    decode ops routed as on CUDA (torch.ops.nsa.*, whose CPU kernel is the reference), split choice
+    included."""
+    if route == "ops":
+        from nsa_codegen.kernels import decode as decode_ops
+
+        monkeypatch.setattr(decode_ops, "route", lambda x, use_kernels=True: "triton")
     attn = make_module(kv_heads=2, share=False, l=5, s=2, sel=3, k=2, interpolated=True)
     x = torch.randn(2, 30, DIM)
     with torch.no_grad():
@@ -288,6 +295,8 @@ def test_decoding_step_is_static_and_never_syncs(monkeypatch):
             assert [t.data_ptr() for t in _step_tensors(cache)] == ptrs
             assert [t.shape for t in _step_tensors(cache)] == shapes
     monkeypatch.undo()
+    want = "triton" if route == "ops" else "reference"
+    assert attn.last_paths == {"compressed": want, "topk": "reference", "selected": want, "sliding": want}
     assert {o.shape for o in outs} == {(2, 1, DIM)}
     # sequence 0 continued its 4 prompt tokens; compare it with the parallel forward
     torch.testing.assert_close(torch.cat([first[:1]] + [o[:1] for o in outs], 1), parallel[:1], atol=ATOL, rtol=0)
