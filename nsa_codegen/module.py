@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -111,7 +112,7 @@ class StaticCache(CacheBuffers):
         (w < lengths[i] // s).
       `raw_k`, `raw_v`: (b, l, K, d) the unrotated key / value rows of the last l tokens, token t in row
         t % l, zero rows for positions < 0: the next compression window.
-    Rows past a sequence's length hold finite values that no step reads.
+    Rows past a sequence's length hold finite values that every step masks out.
     """
 
     def __init__(self, batch: int, max_seq_len: int, *, kv_heads: int, dim_head: int, compress_block_size: int,
@@ -314,7 +315,7 @@ class SparseAttention(nn.Module):
                 raise ValueError("lengths is only used to prefill a cache (cache=... or return_cache=True)")
             if cache is not None and cache.seq_len:
                 raise ValueError(f"lengths is only allowed with a prefill (an empty cache); this cache holds "
-                                 f"{cache.seq_len} positions: decoding appends one token to every sequence")
+                                 f"{cache.seq_len} positions: decoding appends the next tokens to every sequence")
         if cache is None:
             if not return_cache:
                 return self._parallel(inp)[0]

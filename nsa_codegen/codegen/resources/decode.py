@@ -21,10 +21,10 @@ G = 16 alike (ROWS = 16). Registers are known only when a kernel loads on a GPU:
 """
 from __future__ import annotations
 
+import sympy
+
 from . import BN, B, D, S, W, Formula, prune
 from ..spec import VariantSpec, padded_head_dim, pow2
-
-import sympy
 
 R = sympy.symbols("ROWS", positive=True, integer=True)
 
