@@ -17,24 +17,23 @@ the two variants have the same normalization and the same parameters outside the
 same interleaved rotary embedding, `torch.nn.functional.scaled_dot_product_attention`): the baseline
 that `examples/train_lm.py` compares losses and step times against.
 
-Decoding: `forward(tokens, cache=..., return_cache=True)` takes one new token per sequence and a list
-with one cache per layer (`DecodeCache` for NSA, `DenseCache` for dense attention); its logits equal
-the parallel forward's logits at that position. `generate` prefills the prompt in one call and then
-decodes token by token with those caches.
+Decoding: `init_cache(batch, max_seq_len)` preallocates one cache per layer (`StaticCache` for NSA,
+`DenseCache` for dense attention), updated in place by `forward(tokens, cache=caches)`: the first call
+prefills the prompt (optionally with per-sequence `lengths`), later calls decode the next tokens of every
+sequence; their logits equal the parallel forward's logits at those positions. `generate` prefills the
+prompt in one call and then decodes token by token into caches made by `init_cache`.
 """
 from __future__ import annotations
 
 import inspect
 import math
 import numbers
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from .module import DecodeCache, SparseAttention
+from .module import CacheBuffers, SparseAttention, StaticCache, check_lengths
 
 __all__ = ["Transformer", "DenseAttention", "DenseCache", "sample_next_token"]
 
@@ -77,21 +76,31 @@ def _real_arg(name: str, value, minimum: float, *, inclusive: bool = True, maxim
 # dense attention baseline
 
 
-class DenseCache(NamedTuple):
-    """Decoding state of one `DenseAttention` layer: rotated keys and values (b, n, kv_heads, d)."""
+class DenseCache(CacheBuffers):
+    """Preallocated decoding state of one `DenseAttention` layer: rotated keys and values (b, N, kv_heads, d),
+    token t of sequence i in row t (t < lengths[i]); lengths, capacity and growth as `CacheBuffers` says."""
 
-    k: Tensor
-    v: Tensor
+    def __init__(self, batch: int, max_seq_len: int, *, kv_heads: int, dim_head: int, device, dtype,
+                 growable: bool = False):
+        self.k = torch.zeros((batch, max_seq_len, kv_heads, dim_head), device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = torch.zeros(batch, device=device, dtype=torch.long)
+        self.batch_index = torch.arange(batch, device=device)
+        self.max_seq_len, self.seq_len, self.growable = max_seq_len, 0, growable
 
     @property
-    def seq_len(self) -> int:
-        return self.k.shape[1]
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def _grow(self, capacity: int) -> None:
+        self.k, self.v = self._grown(self.k, capacity), self._grown(self.v, capacity)
 
 
 class DenseAttention(nn.Module):
     """Causal GQA attention with SparseAttention's layout: RMSNorm on the input, one `to_qkv`
     projection split (heads, kv_heads, kv_heads) x dim_head, interleaved rotary on q and k, softmax
-    attention over all earlier tokens (SDPA), `combine_heads` output projection."""
+    attention over all earlier tokens (SDPA), `combine_heads` output projection. Decoding caches as
+    SparseAttention's: `init_cache`, then `forward(x, cache=cache)` (prefill, then decoding steps)."""
 
     def __init__(self, dim: int, dim_head: int, heads: int, kv_heads: int | None = None):
         super().__init__()
@@ -107,31 +116,91 @@ class DenseAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, dim_head={self.dim_head}"
 
-    def forward(self, inp: Tensor, cache: DenseCache | None = None, return_cache: bool = False):
-        """(b, n, dim) -> (b, n, dim); with `cache`, `inp` is the single next token (b, 1, dim)."""
+    def init_cache(self, batch: int, max_seq_len: int, device=None, dtype=None) -> DenseCache:
+        """An empty preallocated cache (see `SparseAttention.init_cache`)."""
+        batch = _int_arg("batch", batch, 1)
+        max_seq_len = _int_arg("max_seq_len", max_seq_len, 1)
+        weight = self.to_qkv.weight
+        return DenseCache(batch, max_seq_len, kv_heads=self.kv_heads, dim_head=self.dim_head,
+                          device=weight.device if device is None else torch.device(device),
+                          dtype=weight.dtype if dtype is None else dtype)
+
+    def forward(self, inp: Tensor, cache: DenseCache | None = None, return_cache: bool = False,
+                lengths: Tensor | None = None):
+        """(b, n, dim) -> (b, n, dim). `cache`, `return_cache`, `lengths`: as `SparseAttention.forward`."""
         b, n, _ = inp.shape
-        if cache is not None and n != 1:
-            raise ValueError(f"with a cache, inp must hold exactly one new token (seq_len 1), got "
-                             f"seq_len {n}")
-        t = 0 if cache is None else cache.seq_len
-        q, k, v = self.to_qkv(self.norm(inp)).split(self.qkv_split, dim=-1)
-        q = reference.apply_rotary(q.reshape(b, n, self.heads, self.dim_head), self.rotary_freqs, offset=t)
-        k = reference.apply_rotary(k.reshape(b, n, self.kv_heads, self.dim_head), self.rotary_freqs, offset=t)
-        v = v.reshape(b, n, self.kv_heads, self.dim_head)
         if cache is not None:
-            k, v = torch.cat((cache.k, k), dim=1), torch.cat((cache.v, v), dim=1)
-        if n == 0:
-            out = q.new_zeros(b, 0, self.heads * self.dim_head)
+            if not isinstance(cache, DenseCache):
+                raise ValueError(f"cache must be the DenseCache made by init_cache(...) or returned by forward(..., "
+                                 f"return_cache=True), got {type(cache).__name__}")
+            if cache.batch != b:
+                raise ValueError(f"cache was made for batch {cache.batch}, inp has batch {b}")
+        if lengths is not None:
+            if cache is not None and cache.seq_len or cache is None and not return_cache:
+                raise ValueError("lengths is only allowed with a prefill (return_cache=True, or an empty cache)")
+            lengths = check_lengths(lengths, b, n, inp.device)
+        q, k, v = self.to_qkv(self.norm(inp)).split(self.qkv_split, dim=-1)
+        q, k, v = (q.reshape(b, n, self.heads, self.dim_head), k.reshape(b, n, self.kv_heads, self.dim_head),
+                   v.reshape(b, n, self.kv_heads, self.dim_head))
+        if cache is not None and (cache.dtype != k.dtype or cache.device != k.device or
+                                  tuple(cache.k.shape[2:]) != (self.kv_heads, self.dim_head)):
+            raise ValueError(f"cache holds {tuple(cache.k.shape[2:])} (kv_heads, dim_head) in {cache.dtype} on "
+                             f"{cache.device}; this layer projects to {(self.kv_heads, self.dim_head)} in {k.dtype} "
+                             f"on {k.device}: make the cache with this layer's init_cache(..., dtype={k.dtype})")
+        if cache is not None and cache.seq_len:
+            out = self._decode(q, k, v, cache)
         else:
-            # a single decoded query sees every cached key: no mask needed
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=cache is None,
-                enable_gqa=self.heads != self.kv_heads)
-            out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+            q = reference.apply_rotary(q, self.rotary_freqs)
+            k = reference.apply_rotary(k, self.rotary_freqs)
+            out = self._attend(q, k, v, None)
+            if cache is not None or return_cache:
+                cache = self._prefill(k, v, cache, lengths)
         out = self.combine_heads(out)
-        if return_cache:
-            return out, DenseCache(k.detach(), v.detach())
-        return out
+        return (out, cache) if return_cache else out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """SDPA of q (b, n, H, d) over k, v (b, N, K, d): causal without `mask`, else `mask` (b, 1, n, N)."""
+        b, n = q.shape[:2]
+        if n == 0:
+            return q.new_zeros(b, 0, self.heads * self.dim_head)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.heads != self.kv_heads)
+        return out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+
+    @torch.no_grad()
+    def _prefill(self, k: Tensor, v: Tensor, cache: DenseCache | None, lengths: Tensor | None) -> DenseCache:
+        b, n = k.shape[:2]
+        if cache is None:
+            cache = DenseCache(b, max(2 * n, 64), kv_heads=self.kv_heads, dim_head=self.dim_head, device=k.device,
+                               dtype=k.dtype, growable=True)
+        cache.reserve(n)
+        cache.k[:, :n] = k
+        cache.v[:, :n] = v
+        if lengths is None:
+            cache.lengths.fill_(n)
+        else:
+            cache.lengths.copy_(lengths)
+        cache.seq_len = n
+        return cache
+
+    @torch.no_grad()
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, cache: DenseCache) -> Tensor:
+        """The n new tokens of every sequence at positions lengths[i] + r: in-place writes, a mask over the
+        whole buffer, static shapes, no host synchronization."""
+        n = q.shape[1]
+        cache.reserve(n)
+        pos = cache.lengths[:, None] + torch.arange(n, device=q.device)  # (b, n)
+        q = reference.apply_rotary_at(q, self.rotary_freqs, pos)
+        k = reference.apply_rotary_at(k, self.rotary_freqs, pos)
+        bi = cache.batch_index[:, None]
+        cache.k.index_put_((bi, pos), k)
+        cache.v.index_put_((bi, pos), v)
+        keys = torch.arange(cache.max_seq_len, device=q.device)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (b, 1, n, N)
+        cache.lengths.add_(n)
+        cache.seq_len += n
+        return self._attend(q, cache.k, cache.v, mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,12 +227,12 @@ class Block(nn.Module):
         self.ff_norm = nn.RMSNorm(dim)
         self.ff = SwiGLU(dim, ff_hidden)
 
-    def forward(self, x: Tensor, cache=None, return_cache: bool = False):
+    def forward(self, x: Tensor, cache=None, return_cache: bool = False, lengths: Tensor | None = None):
         new_cache = None
         if return_cache:
-            a, new_cache = self.attn(x, cache=cache, return_cache=True)
+            a, new_cache = self.attn(x, cache=cache, return_cache=True, lengths=lengths)
         else:
-            a = self.attn(x, cache=cache)
+            a = self.attn(x, cache=cache, lengths=lengths)
         x = x + a
         x = x + self.ff(self.ff_norm(x))
         return x, new_cache
@@ -267,12 +336,15 @@ class Transformer(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, cache: list | None = None, return_cache: bool = False):
+    def forward(self, tokens: Tensor, cache: list | None = None, return_cache: bool = False,
+                lengths: Tensor | None = None):
         """tokens (b, n) integer -> logits (b, n, num_tokens) in the compute dtype.
 
-        With `return_cache`, also returns a list with one cache per layer. With `cache` (such a
-        list), `tokens` is the single next token of each sequence, (b, 1), and the logits equal those
-        the parallel forward gives at that position.
+        `cache`: the list of per-layer caches of `init_cache`, updated in place. On empty caches `tokens` is
+        the prompt (a prefill; `lengths` (b,) gives per-sequence prompt lengths, the logits at or after a
+        sequence's length being padding); otherwise `tokens` holds the next n tokens of every sequence, and
+        the logits equal those the parallel forward gives at these positions. With `return_cache`, also
+        returns the list of caches (new growable ones when `cache` is None).
         """
         self._check_tokens(tokens, "tokens")
         if cache is not None:
@@ -280,11 +352,17 @@ class Transformer(nn.Module):
         x = self.token_emb(tokens)
         new_caches = [] if return_cache else None
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, cache=None if cache is None else cache[i], return_cache=return_cache)
+            x, layer_cache = layer(x, cache=None if cache is None else cache[i], return_cache=return_cache,
+                                   lengths=lengths)
             if return_cache:
                 new_caches.append(layer_cache)
         logits = self.to_logits(self.norm(x))
         return (logits, new_caches) if return_cache else logits
+
+    def init_cache(self, batch: int, max_seq_len: int, device=None, dtype=None) -> list:
+        """One empty preallocated cache per layer (`SparseAttention.init_cache` / `DenseAttention.init_cache`)
+        for `batch` sequences of up to `max_seq_len` tokens; pass the list as `cache=`."""
+        return [layer.attn.init_cache(batch, max_seq_len, device=device, dtype=dtype) for layer in self.layers]
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -292,8 +370,9 @@ class Transformer(nn.Module):
                  generator: torch.Generator | None = None) -> Tensor:
         """Continue `prompt` ((b, n) or (n,), n >= 1) by `max_new_tokens` tokens.
 
-        The prompt is prefilled in one parallel call; each new token is then decoded with the
-        per-layer caches (one position per call). `temperature == 0` is greedy (argmax); otherwise
+        The prompt is prefilled in one parallel call into caches made by `init_cache` (preallocated for
+        the prompt and the new tokens); each new token is then decoded into them (one position per call,
+        static shapes). `temperature == 0` is greedy (argmax); otherwise
         tokens are sampled from softmax(logits / temperature), restricted to the `top_k` most likely
         and/or to the smallest set whose probability reaches `top_p`. `generator` (on the model's
         device) makes the sampling reproducible. Returns prompt + new tokens, with the prompt's rank.
@@ -317,12 +396,16 @@ class Transformer(nn.Module):
 
         out = [tokens]
         if max_new_tokens > 0:
-            logits, cache = self(tokens, return_cache=True)
+            device = tokens.device
+            # the caches hold what the projections produce: the autocast dtype under autocast
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+            cache = self.init_cache(tokens.shape[0], tokens.shape[1] + max_new_tokens - 1, device=device, dtype=dtype)
+            logits = self(tokens, cache=cache)
             for step in range(max_new_tokens):
                 nxt = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
                 out.append(nxt)
                 if step + 1 < max_new_tokens:
-                    logits, cache = self(nxt, cache=cache, return_cache=True)
+                    logits = self(nxt, cache=cache)
         result = torch.cat(out, dim=1)
         return result[0] if squeeze else result
 
@@ -344,18 +427,14 @@ class Transformer(nn.Module):
                                  f"in [{lo}, {hi}]")
 
     def _check_cache(self, tokens: Tensor, cache) -> None:
-        expected = DenseCache if self.attn_kind == "dense" else DecodeCache
+        expected = DenseCache if self.attn_kind == "dense" else StaticCache
         if not isinstance(cache, (list, tuple)) or len(cache) != self.depth or not all(
                 isinstance(c, expected) for c in cache):
-            raise ValueError(f"cache must be the list of {self.depth} {expected.__name__}s returned by "
-                             f"forward(..., return_cache=True) of this model, got "
+            raise ValueError(f"cache must be the list of {self.depth} {expected.__name__}s made by init_cache(...) "
+                             f"or returned by forward(..., return_cache=True) of this model, got "
                              f"{type(cache).__name__}")
-        if tokens.shape[1] != 1:
-            raise ValueError(f"with a cache, tokens must hold exactly one new token per sequence "
-                             f"(shape (batch, 1)), got shape {tuple(tokens.shape)}")
-        if cache[0].k.shape[0] != tokens.shape[0]:
-            raise ValueError(f"cache was made for batch {cache[0].k.shape[0]}, tokens have batch "
-                             f"{tokens.shape[0]}")
+        if cache[0].batch != tokens.shape[0]:
+            raise ValueError(f"cache was made for batch {cache[0].batch}, tokens have batch {tokens.shape[0]}")
 
 
 def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -13,42 +13,138 @@ from __future__ import annotations
 
 import copy
 import numbers
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import reference
 from .kernels import compressed as compressed_ops
+from .kernels import decode as decode_ops
 from .kernels import selected as selected_ops
 from .kernels import topk as topk_ops
 from .kernels import window as window_ops
 
-__all__ = ["SparseAttention", "DecodeCache"]
+__all__ = ["SparseAttention", "StaticCache", "DecodeCache", "CacheBuffers", "check_lengths"]
 
 BRANCHES = ("compressed", "selected", "sliding")
 
 
-class DecodeCache(NamedTuple):
-    """State carried between decoding steps (spec section 8), all bnhd, batch first.
+class CacheBuffers:
+    """What every preallocated decoding cache shares: per-sequence lengths on the device, and on the host
+    the capacity and the number of tokens the calls so far have appended.
 
-    `k`, `v`: (b, n, K, d) rotated keys and values of every token so far.
-    `ck`, `cv`: (b, n // s, K, d) compressed keys and values (without the memory rows).
-    `raw_k`, `raw_v`: (b, (l - s) + n % s, K, d) the unrotated key/value rows
-    `[(n // s + 1) * s - l, n)` the next compression window reads; positions < 0 are zero rows,
-    exactly the zero padding of the parallel path.
+    `lengths` (b,) int64, on the buffers' device: sequence i holds tokens [0, lengths[i]). `seq_len` (host
+    int) counts the positions appended by the calls (the padded prompt length plus one per decoded token):
+    an upper bound of every length that the host knows without reading the device, and the length of
+    every sequence when the prompt was not given per-sequence lengths. `max_seq_len` is the capacity. A
+    cache made by `init_cache` never reallocates (its tensors keep their addresses, as a CUDA graph needs)
+    and refuses to go past its capacity; one made by `forward(..., return_cache=True)` without a cache is
+    `growable`: full, it doubles its capacity (one copy of the buffers; amortized O(1) per token).
     """
 
-    k: Tensor
-    v: Tensor
-    ck: Tensor
-    cv: Tensor
-    raw_k: Tensor
-    raw_v: Tensor
+    lengths: Tensor
+    max_seq_len: int
+    seq_len: int
+    growable: bool
 
     @property
-    def seq_len(self) -> int:
-        return self.k.shape[1]
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lengths.device
+
+    def reset(self) -> None:
+        """Empty every sequence; the next call with this cache is a prefill. Nothing is reallocated."""
+        self.lengths.zero_()
+        self.seq_len = 0
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more positions (host-side count, no device read): grow a growable cache,
+        else raise when the capacity would be exceeded."""
+        need = self.seq_len + extra
+        if need <= self.max_seq_len:
+            return
+        if not self.growable:
+            raise ValueError(f"cache is full: {self.seq_len} of max_seq_len={self.max_seq_len} positions are "
+                             f"written and {extra} more were given; make the cache with init_cache(batch, "
+                             f"max_seq_len >= {need})")
+        capacity = max(need, 2 * self.max_seq_len)
+        self._grow(capacity)
+        self.max_seq_len = capacity
+
+    def _grow(self, capacity: int) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _grown(buffer: Tensor, rows: int) -> Tensor:
+        """`buffer` (b, r, ...) copied into a zero buffer of `rows` >= r rows."""
+        out = buffer.new_zeros((buffer.shape[0], rows, *buffer.shape[2:]))
+        out[:, :buffer.shape[1]] = buffer
+        return out
+
+
+def check_lengths(lengths, b: int, n: int, device) -> Tensor:
+    """Per-sequence prompt lengths of a prefill: an integer tensor (b,) on the input's device with values in
+    [0, n]; returned as int64. Read on the host: a prefill may synchronize (decoding steps do not)."""
+    if not isinstance(lengths, Tensor) or tuple(lengths.shape) != (b,) or lengths.dtype.is_floating_point or \
+            lengths.dtype == torch.bool or lengths.is_complex():
+        got = (f"{lengths.dtype} tensor of shape {tuple(lengths.shape)}" if isinstance(lengths, Tensor)
+               else type(lengths).__name__)
+        raise ValueError(f"lengths must be an integer tensor of shape (batch,) = ({b},), got {got}")
+    if lengths.device != device:
+        raise ValueError(f"lengths is on {lengths.device} but inp is on {device}")
+    lengths = lengths.long()
+    if b and bool(((lengths < 0) | (lengths > n)).any()):
+        raise ValueError(f"lengths must lie in [0, {n}] (the prompt's padded length), got {lengths.tolist()}")
+    return lengths
+
+
+class StaticCache(CacheBuffers):
+    """Preallocated decoding state of one `SparseAttention` layer (spec section 8) for `batch` sequences of
+    up to `max_seq_len` tokens each; made by `SparseAttention.init_cache`, updated in place by forward.
+
+    Buffers, batch first, bnhd (N = max_seq_len, K kv heads, d head dim, l / s compress block size /
+    stride, M memory rows):
+      `k`, `v`: (b, N, K, d) rotated keys and values; row t of sequence i is token t (t < lengths[i]).
+      `ck`, `cv`: (b, M + N // s, K, d) the memory rows, then compressed block w in row M + w
+        (w < lengths[i] // s).
+      `raw_k`, `raw_v`: (b, l, K, d) the unrotated key / value rows of the last l tokens, token t in row
+        t % l, zero rows for positions < 0: the next compression window.
+    Rows past a sequence's length hold finite values that every step masks out.
+    """
+
+    def __init__(self, batch: int, max_seq_len: int, *, kv_heads: int, dim_head: int, compress_block_size: int,
+                 stride: int, num_mem: int, device, dtype, growable: bool = False):
+        shape = (batch, max_seq_len, kv_heads, dim_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.ck = torch.zeros((batch, num_mem + max_seq_len // stride, kv_heads, dim_head), device=device, dtype=dtype)
+        self.cv = torch.zeros_like(self.ck)
+        self.raw_k = torch.zeros((batch, compress_block_size, kv_heads, dim_head), device=device, dtype=dtype)
+        self.raw_v = torch.zeros_like(self.raw_k)
+        self.lengths = torch.zeros(batch, device=device, dtype=torch.long)
+        self.batch_index = torch.arange(batch, device=device)  # the batch rows of every in-place write
+        self.max_seq_len, self.seq_len, self.growable = max_seq_len, 0, growable
+        self.stride, self.num_mem = stride, num_mem
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def _grow(self, capacity: int) -> None:
+        self.k, self.v = self._grown(self.k, capacity), self._grown(self.v, capacity)
+        rows = self.num_mem + capacity // self.stride
+        self.ck, self.cv = self._grown(self.ck, rows), self._grown(self.cv, rows)
+
+    def __repr__(self) -> str:
+        return (f"StaticCache(batch={self.batch}, max_seq_len={self.max_seq_len}, seq_len={self.seq_len}, "
+                f"growable={self.growable}, dtype={self.dtype}, device={self.device})")
+
+
+# the type forward(..., return_cache=True) returns, under the name code importing it already uses
+DecodeCache = StaticCache
 
 
 class RotaryFreqs(nn.Module):
@@ -195,11 +291,17 @@ class SparseAttention(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # public entry point
 
-    def forward(self, inp: Tensor, cache: DecodeCache | None = None, return_cache: bool = False):
+    def forward(self, inp: Tensor, cache: StaticCache | None = None, return_cache: bool = False,
+                lengths: Tensor | None = None):
         """(b, n, dim) -> (b, n, dim); with `return_cache`, also the decoding cache (causal only).
 
-        With `cache`, `inp` is the single next token (b, 1, dim) and its output equals the parallel
-        forward's output at that position.
+        `cache` (a `StaticCache`, causal only) is updated in place: on an empty cache (`init_cache`, or after
+        `reset()`) `inp` is the prompt, run in parallel (a prefill); otherwise `inp` holds the next n >= 1
+        tokens of every sequence, decoded one position at a time, and each output equals the parallel
+        forward's output at that position. `return_cache=True` without a cache prefills a new growable
+        cache. `lengths` (b,) integer, with a prefill only: sequence i's prompt is `inp[i, :lengths[i]]`
+        (outputs at or after a sequence's length are padding); decoding then continues each sequence at its
+        own length.
         """
         self._check_input(inp)
         if (cache is not None or return_cache) and not self.causal:
@@ -208,15 +310,52 @@ class SparseAttention(nn.Module):
                              f"a non-causal module is undefined")
         if cache is not None:
             self._check_cache(inp, cache)
-            out, new_cache = self._decode_step(inp, cache)
+        if lengths is not None:
+            if cache is None and not return_cache:
+                raise ValueError("lengths is only used to prefill a cache (cache=... or return_cache=True)")
+            if cache is not None and cache.seq_len:
+                raise ValueError(f"lengths is only allowed with a prefill (an empty cache); this cache holds "
+                                 f"{cache.seq_len} positions: decoding appends the next tokens to every sequence")
+        if cache is None:
+            if not return_cache:
+                return self._parallel(inp)[0]
+            out, cache = self._prefill(inp, None, lengths)
+        elif cache.seq_len == 0:
+            out, _ = self._prefill(inp, cache, lengths)
         else:
-            out, new_cache = self._parallel(inp, return_cache)
-        return (out, new_cache) if return_cache else out
+            out = self._decode(inp, cache)
+        return (out, cache) if return_cache else out
+
+    def init_cache(self, batch: int, max_seq_len: int, device=None, dtype=None) -> StaticCache:
+        """An empty preallocated decoding cache for `batch` sequences of up to `max_seq_len` tokens (causal
+        modules only). `device` / `dtype` default to the parameters'; under autocast pass the autocast dtype
+        (the cache holds what the projections produce). Pass it as `cache=`: the first call prefills the
+        prompt, later calls decode; every call updates it in place and never reallocates it."""
+        if not self.causal:
+            raise ValueError("init_cache is only allowed on a causal module (causal=True); decoding a non-causal "
+                             "module is undefined")
+        batch = _int_arg("batch", batch, 1)
+        max_seq_len = _int_arg("max_seq_len", max_seq_len, 1)
+        weight = self.to_qkv.weight
+        device = weight.device if device is None else torch.device(device)
+        dtype = weight.dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype (float32, float16, bfloat16, ...), got {dtype!r}")
+        return self._new_cache(batch, max_seq_len, device, dtype, growable=False)
+
+    def _new_cache(self, batch: int, max_seq_len: int, device, dtype, growable: bool) -> StaticCache:
+        cache = StaticCache(batch, max_seq_len, kv_heads=self.kv_heads, dim_head=self.dim_head,
+                            compress_block_size=self.compress_block_size, stride=self.compress_block_sliding_stride,
+                            num_mem=self.num_mem_compress_kv, device=device, dtype=dtype, growable=growable)
+        self._write_memory_rows(cache)
+        return cache
 
     # ----------------------------------------------------------------------------------------------
     # parallel path
 
-    def _parallel(self, inp: Tensor, return_cache: bool):
+    def _parallel(self, inp: Tensor):
+        """(out, parts): parts holds what a prefill writes into a cache (rotated keys, values, compressed
+        rows, unrotated keys)."""
         self.last_paths = {}
         hx = self.norm(inp)
         q, k, v = self._project(hx)
@@ -234,8 +373,7 @@ class SparseAttention(nn.Module):
             o_swa = self._sliding_branch(rq, rk, v)
             branch_out = (o_cmp, o_slc, o_swa)
         out = self._combine(hx, *branch_out)
-        cache = self._prompt_cache(rk, v, ck, cv, k, v) if return_cache else None
-        return out, cache
+        return out, dict(rk=rk, v=v, ck=ck, cv=cv, k=k)
 
     def _project(self, hx: Tensor):
         b, n, _ = hx.shape
@@ -319,50 +457,128 @@ class SparseAttention(nn.Module):
         return self.combine_heads(out.reshape(b, n, self.heads * self.dim_head))
 
     # ----------------------------------------------------------------------------------------------
-    # incremental decoding (spec 8)
+    # incremental decoding (spec 8) from a preallocated cache
 
-    def _raw_tail(self, x: Tensor) -> Tensor:
-        """Rows [(n // s + 1) * s - l, n) of x (b, n, K, d), zero rows where the index is < 0."""
-        n, l, s = x.shape[1], self.compress_block_size, self.compress_block_sliding_stride
-        start = (n // s + 1) * s - l
-        tail = x[:, max(start, 0):]
-        if start < 0:
-            tail = torch.cat((tail.new_zeros(x.shape[0], -start, *x.shape[2:]), tail), dim=1)
-        return tail
-
-    def _prompt_cache(self, rk, v, ck, cv, k_raw, v_raw) -> DecodeCache:
-        return DecodeCache(rk.detach(), v.detach(), ck.detach(), cv.detach(),
-                           self._raw_tail(k_raw).detach(), self._raw_tail(v_raw).detach())
+    def _projected_dtype(self, inp: Tensor) -> torch.dtype:
+        """The dtype of q, k, v (what a cache holds): the input's, or the autocast dtype under autocast."""
+        if torch.is_autocast_enabled(inp.device.type):
+            return torch.get_autocast_dtype(inp.device.type)
+        return inp.dtype
 
     @torch.no_grad()
-    def _decode_step(self, inp: Tensor, cache: DecodeCache):
-        """One token at position t = cache.seq_len: the same ops as the parallel path, with
-        `query_offset=t` (every rule only depends on the query's own position)."""
+    def _write_memory_rows(self, cache: StaticCache) -> None:
+        """The memory rows (spec 1) in front of the compressed rows, from the current parameters."""
+        M = self.num_mem_compress_kv
+        mem = self.compress_mem_kv.to(device=cache.device, dtype=cache.dtype)
+        cache.ck[:, :M] = mem[0].transpose(0, 1)
+        cache.cv[:, :M] = mem[1].transpose(0, 1)
+
+    def _prefill(self, inp: Tensor, cache: StaticCache | None, lengths: Tensor | None):
+        """The prompt in parallel, then its keys, values, compressed rows and compression tail written into
+        `cache` (a new growable one when None). Returns (out, cache)."""
+        b, n = inp.shape[:2]
+        if cache is not None:
+            cache.reserve(n)
+        if lengths is None:
+            lengths = torch.full((b,), n, device=inp.device, dtype=torch.long)
+        else:
+            lengths = check_lengths(lengths, b, n, inp.device)
+        out, parts = self._parallel(inp)
+        if cache is None:
+            cache = self._new_cache(b, max(2 * n, 64), inp.device, parts["k"].dtype, growable=True)
+        l, s, M = self.compress_block_size, self.compress_block_sliding_stride, self.num_mem_compress_kv
+        with torch.no_grad():
+            self._write_memory_rows(cache)
+            cache.k[:, :n] = parts["rk"]
+            cache.v[:, :n] = parts["v"]
+            if n // s:
+                cache.ck[:, M:M + n // s] = parts["ck"]
+                cache.cv[:, M:M + n // s] = parts["cv"]
+            # compression tail: tokens [len - l, len) of each sequence, token t in row t % l, zero rows for t < 0
+            tok = lengths[:, None] - l + torch.arange(l, device=inp.device)  # (b, l)
+            if n:
+                bi = cache.batch_index[:, None]
+                rows = tok.clamp(0, n - 1)
+                keep = (tok >= 0)[:, :, None, None]
+                cache.raw_k[bi, tok % l] = torch.where(keep, parts["k"][bi, rows], 0).to(cache.dtype)
+                cache.raw_v[bi, tok % l] = torch.where(keep, parts["v"][bi, rows], 0).to(cache.dtype)
+            else:
+                cache.raw_k.zero_()
+                cache.raw_v.zero_()
+            cache.lengths.copy_(lengths)
+        cache.seq_len = n
+        return out, cache
+
+    def _decode(self, inp: Tensor, cache: StaticCache) -> Tensor:
+        """The n tokens of `inp`, one position per step."""
+        if inp.shape[1] == 0:
+            return self._parallel(inp)[0]
+        cache.reserve(inp.shape[1])
+        return torch.cat([self._step(inp[:, i:i + 1], cache) for i in range(inp.shape[1])], dim=1)
+
+    @torch.no_grad()
+    def _step(self, inp: Tensor, cache: StaticCache) -> Tensor:
+        """One token per sequence at position t = lengths[i]: in-place writes at device indices, static
+        shapes, no host synchronization (a CUDA graph can capture it). Every rule depends only on the query's
+        own position, so the masks over the whole buffers give the parallel forward's output."""
         self.last_paths = {}
-        t = cache.seq_len
-        l, s = self.compress_block_size, self.compress_block_sliding_stride
+        l, s, M = self.compress_block_size, self.compress_block_sliding_stride, self.num_mem_compress_kv
         hx = self.norm(inp)
-        q, k, v = self._project(hx)
+        q, k, v = self._project(hx)  # (b, 1, H, d), (b, 1, K, d)
+        pos = cache.lengths  # (b,): the new token's position
+        bi = cache.batch_index
+        rq = reference.apply_rotary_at(q, self.rotary_emb.freqs, pos[:, None])[:, 0]
+        rk = reference.apply_rotary_at(k, self.rotary_emb.freqs, pos[:, None])[:, 0]
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+        cache.k.index_put_((bi, pos), rk)
+        cache.v.index_put_((bi, pos), v)
+        cache.raw_k.index_put_((bi, pos % l), k)
+        cache.raw_v.index_put_((bi, pos % l), v)
 
-        # compressed branch over the cached blocks (the t // s blocks that close before t)
-        ck_all, cv_all = reference.prepend_memory(cache.ck, cache.cv, self.compress_mem_kv)
-        o_cmp = self._compressed_branch(q, ck_all, cv_all, query_offset=t)
+        # compressed branch: the memory rows and the pos // s blocks that close before pos (spec 2)
+        kw = dict(scale=self.scale, **self._op_kwargs())
+        o_cmp = decode_ops.decode_range_attention(q, cache.ck, cache.cv, torch.zeros_like(pos), M + pos // s,
+                                                  max_keys=cache.ck.shape[1], branch="compressed", **kw)
+        idx, valid = self._decode_select(q, cache, pos)
+        o_slc = decode_ops.decode_selected_attention(rq, cache.k, cache.v, idx, valid, pos,
+                                                     block_size=self.selection_block_size, **kw)
+        W = self.sliding_window_size
+        o_swa = decode_ops.decode_range_attention(rq, cache.k, cache.v, (pos - W).clamp(min=0), pos + 1,
+                                                  max_keys=W + 1, branch="sliding", **kw)
 
-        # extend the compression state; a window closing at t is visible from t + 1 on
-        raw_k, raw_v = torch.cat((cache.raw_k, k), dim=1), torch.cat((cache.raw_v, v), dim=1)
-        ck, cv = cache.ck, cache.cv
-        if (t + 1) % s == 0:                                  # raw now holds exactly l rows
-            new_ck, new_cv = self._compress(raw_k, raw_v, stride=l)
-            ck, cv = torch.cat((ck, new_ck), dim=1), torch.cat((cv, new_cv), dim=1)
-            raw_k, raw_v = raw_k[:, s:], raw_v[:, s:]
+        self._compress_step(cache, pos)
+        cache.lengths.add_(1)
+        cache.seq_len += 1
+        return self._combine(hx, o_cmp[:, None], o_slc[:, None], o_swa[:, None])
 
-        rq, rk = self.rotary_emb(q, offset=t), self.rotary_emb(k, offset=t)
-        keys, values = torch.cat((cache.k, rk), dim=1), torch.cat((cache.v, v), dim=1)
-        o_slc = self._selected_branch(rq, keys, values, q, ck_all, query_offset=t)
-        o_swa = self._sliding_branch(rq, keys, values, query_offset=t)
+    def _decode_select(self, q: Tensor, cache: StaticCache, pos: Tensor):
+        """Spec 4 for the decoded tokens: (block_idx, block_valid) (b, Hs, kk), kk static. The reference on
+        every device (static shapes, no host read): the top-k kernels take one query offset for the batch."""
+        idx, valid, _ = reference.decode_select_topk(
+            q, cache.ck, pos, num_mem=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+            selection_block_size=self.selection_block_size, num_selected=self.num_selected_blocks,
+            share=self.query_heads_share_selected_kv, scale=self.scale,
+            interpolated=self.interpolated_importance_score, seq_len=cache.max_seq_len)
+        self.last_paths["topk"] = "reference"
+        return idx, valid
 
-        out = self._combine(hx, o_cmp, o_slc, o_swa)
-        return out, DecodeCache(keys, values, ck, cv, raw_k, raw_v)
+    def _compress_step(self, cache: StaticCache, pos: Tensor) -> None:
+        """Compressed block w = (pos + 1) // s - 1 closes at pos when (pos + 1) % s == 0: it is computed for
+        every sequence and written where it closes (its row is rewritten unchanged elsewhere). It is
+        visible from pos + 1 on."""
+        l, s, M = self.compress_block_size, self.compress_block_sliding_stride, self.num_mem_compress_kv
+        if cache.ck.shape[1] == M:  # max_seq_len < s: no block closes within the capacity
+            return
+        bi = cache.batch_index
+        tok = pos[:, None] + 1 - l + torch.arange(l, device=pos.device)  # (b, l): the window's tokens
+        keep = (tok >= 0)[:, :, None, None]
+        win_k = torch.where(keep, cache.raw_k[bi[:, None], tok % l], 0)
+        win_v = torch.where(keep, cache.raw_v[bi[:, None], tok % l], 0)
+        new_ck, new_cv = self._compress(win_k, win_v, stride=l)  # (b, 1, K, d)
+        closes = ((pos + 1) % s == 0)[:, None, None]
+        row = M + ((pos + 1) // s - 1).clamp(min=0)
+        cache.ck.index_put_((bi, row), torch.where(closes, new_ck[:, 0].to(cache.dtype), cache.ck[bi, row]))
+        cache.cv.index_put_((bi, row), torch.where(closes, new_cv[:, 0].to(cache.dtype), cache.cv[bi, row]))
 
     # ----------------------------------------------------------------------------------------------
     # input checks
@@ -387,27 +603,23 @@ class SparseAttention(nn.Module):
         if inp.device != weight.device:
             raise ValueError(f"inp is on {inp.device} but the module's parameters are on {weight.device}")
 
-    def _check_cache(self, inp: Tensor, cache):
-        if not isinstance(cache, DecodeCache):
-            raise ValueError(f"cache must be the DecodeCache returned by forward(..., "
+    def _check_cache(self, inp: Tensor, cache) -> None:
+        if not isinstance(cache, StaticCache):
+            raise ValueError(f"cache must be the StaticCache made by init_cache(...) or returned by forward(..., "
                              f"return_cache=True), got {type(cache).__name__}")
-        if inp.shape[1] != 1:
-            raise ValueError(f"with a cache, inp must hold exactly one new token (seq_len 1), got "
-                             f"seq_len {inp.shape[1]}")
-        b, t = inp.shape[0], cache.seq_len
-        s, l = self.compress_block_sliding_stride, self.compress_block_size
-        kv = (b, self.kv_heads, self.dim_head)
-        expected = {"k": (b, t, *kv[1:]), "v": (b, t, *kv[1:]), "ck": (b, t // s, *kv[1:]),
-                    "cv": (b, t // s, *kv[1:]), "raw_k": (b, l - s + t % s, *kv[1:]),
-                    "raw_v": (b, l - s + t % s, *kv[1:])}
-        for name, shape in expected.items():
-            got = tuple(getattr(cache, name).shape)
-            if got != shape:
-                raise ValueError(f"cache.{name} has shape {got}, expected {shape} for this module "
-                                 f"and batch {b} (was the cache made by another module or batch?)")
-        for name in expected:
-            t = getattr(cache, name)
-            if t.device != inp.device or (t.dtype != inp.dtype and not torch.is_autocast_enabled(inp.device.type)):
-                raise ValueError(f"cache.{name} is {t.dtype} on {t.device}, but inp is {inp.dtype} on {inp.device}: "
-                                 f"a cache must come from this module at the input's dtype and device")
-
+        b = inp.shape[0]
+        if cache.batch != b:
+            raise ValueError(f"cache was made for batch {cache.batch}, inp has batch {b}")
+        K, d, l, s, M = (self.kv_heads, self.dim_head, self.compress_block_size, self.compress_block_sliding_stride,
+                         self.num_mem_compress_kv)
+        if (tuple(cache.k.shape[2:]) != (K, d) or cache.raw_k.shape[1] != l or cache.stride != s
+                or cache.num_mem != M):
+            raise ValueError(f"cache holds kv_heads={cache.k.shape[2]}, dim_head={cache.k.shape[3]}, "
+                             f"compress_block_size={cache.raw_k.shape[1]}, stride={cache.stride}, "
+                             f"num_compressed_mem_kv={cache.num_mem}; this module has {K}, {d}, {l}, {s}, {M} "
+                             f"(was the cache made by another module?)")
+        dtype = self._projected_dtype(inp)
+        if cache.device != inp.device or cache.dtype != dtype:
+            raise ValueError(f"cache is {cache.dtype} on {cache.device}, but this input projects to {dtype} on "
+                             f"{inp.device}: make the cache with init_cache(..., device={str(inp.device)!r}, "
+                             f"dtype={dtype})")

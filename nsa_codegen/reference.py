@@ -68,6 +68,10 @@ __all__ = [
     "topk_candidate_scores",
     "select_topk_lse",
     "select_topk_backward",
+    "apply_rotary_at",
+    "decode_range_attention",
+    "decode_selected_attention",
+    "decode_select_topk",
 ]
 
 NEG_FACTOR = 10  # invisible logits are -finfo.max / 10
@@ -1022,3 +1026,146 @@ def select_topk_backward(q: Tensor, ck: Tensor, block_idx: Tensor, grad_values: 
     dck = torch.zeros(ck.shape, device=ck.device, dtype=torch.float32)
     dck[:, M:M + U * R] = (dckc / R)[:, :, None].expand(-1, -1, R, -1, -1).reshape(b, U * R, K, d)
     return dq.to(q.dtype), dck.to(ck.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding from a preallocated cache: one query per sequence, per-sequence positions
+#
+# A static decoding cache (nsa_codegen.module.StaticCache) holds every sequence of a batch in buffers of
+# one fixed length N; sequence i has written tokens [0, lengths[i]). These functions take the positions
+# as device tensors and keep every shape static (nothing depends on tensor values), so a decoding step
+# built from them never synchronizes with the host. Rows of the buffers past a sequence's length may
+# hold anything finite: they are masked, never weighted.
+
+
+def apply_rotary_at(x: Tensor, freqs: Tensor, positions: Tensor) -> Tensor:
+    """``apply_rotary`` with per-sequence positions: x (b, n, h, d), positions (b, n) integer, token ``r`` of
+    sequence ``i`` at position ``positions[i, r]``. The same arithmetic as ``apply_rotary``."""
+    b, n, h, d = x.shape
+    half = freqs.shape[-1]
+    if 2 * half != d:
+        raise ValueError(f"freqs has {half} entries, head dim {d}")
+    cdt = torch.promote_types(_softmax_dtype(x.dtype), freqs.dtype)
+    pos = positions.to(device=x.device, dtype=cdt).expand(b, n)
+    angle = pos[..., None] * freqs.to(device=x.device, dtype=cdt)  # (b, n, d/2)
+    cos = angle.cos()[:, :, None, :]
+    sin = angle.sin()[:, :, None, :]
+    x1 = x[..., 0::2].to(cdt)
+    x2 = x[..., 1::2].to(cdt)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    return torch.stack((o1, o2), dim=-1).flatten(-2).to(x.dtype)
+
+
+def _decode_softmax(s: Tensor, vis: Tensor, values: Tensor, equation: str) -> tuple[Tensor, Tensor]:
+    """Masked softmax attention of decoding: logits s (..., T) in the inputs' dtype, vis broadcastable to s,
+    values gathered so that ``einsum(equation, p, values)`` is the output. Returns (out, lse fp32): 0 and
+    -inf where a row sees no key."""
+    sdt = _softmax_dtype(s.dtype)
+    s = s.to(sdt).masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    has_key = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(has_key, lse, 0.0)[..., None])  # exactly 0 where masked
+    out = torch.einsum(equation, p.to(values.dtype), values)
+    return out, lse.float()
+
+
+def decode_range_attention(q: Tensor, k: Tensor, v: Tensor, lo: Tensor, hi: Tensor, *, max_keys: int,
+                           scale: float) -> tuple[Tensor, Tensor]:
+    """One query per sequence over a contiguous range of keys (the sliding window, the compressed rows).
+
+    q (b, H, d); k, v (b, N, K, d), H % K == 0 (query head h reads kv head h // G); lo, hi (b,) integer.
+    Sequence i attends to keys j with ``lo[i] <= j < min(hi[i], lo[i] + max_keys)`` and ``0 <= j < N``
+    (``max_keys``: a static bound on the range length, which fixes the shapes). Returns out (b, H, d) in
+    q's dtype (0 for a query without keys) and lse (b, H) fp32, natural log (-inf without keys)."""
+    b, H, d = q.shape
+    N, K = k.shape[1], k.shape[2]
+    G = H // K
+    dev = q.device
+    lo = lo.to(device=dev, dtype=torch.long)
+    end = torch.minimum(hi.to(device=dev, dtype=torch.long), lo + max_keys)
+    if max_keys >= N:  # the whole buffer: no gather
+        j = torch.arange(N, device=dev).expand(b, N)
+        keys, vals = k, v
+    else:
+        j = lo[:, None] + torch.arange(max_keys, device=dev)  # (b, T)
+        rows = j.clamp(0, max(N - 1, 0))
+        bi = torch.arange(b, device=dev)[:, None]
+        keys, vals = k[bi, rows], v[bi, rows]  # (b, T, K, d): the range only, not the buffer
+    vis = (j >= lo[:, None]) & (j < end[:, None]) & (j >= 0) & (j < N)  # (b, T)
+    vals = vals.masked_fill(~vis[:, :, None, None], 0)
+    s = torch.einsum("bkgd,btkd->bkgt", q.reshape(b, K, G, d), keys) * scale
+    out, lse = _decode_softmax(s, vis[:, None, None, :], vals, "bkgt,btkd->bkgd")
+    return out.reshape(b, H, d), lse.reshape(b, H)
+
+
+def decode_selected_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_valid: Tensor,
+                              positions: Tensor, *, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Spec 5 (causal) for one query per sequence at ``positions`` (b,): q (b, H, d) rotated; k, v (b, N, K, d)
+    rotated keys and values; block_idx, block_valid (b, Hs, kk) with Hs = K (shared selection) or H.
+
+    Keys: the own block ``positions // l'`` restricted to ``j <= position``, and every usable slot's block,
+    a slot being usable iff valid with ``0 <= id < own block`` (``usable_selection`` for n = position + 1).
+    Gates are not taken: their forward value is 1 (spec 4.5). Returns out (b, H, d) and lse (b, H) fp32."""
+    b, H, d = q.shape
+    N, K = k.shape[1], k.shape[2]
+    Hs, kk = block_idx.shape[1], block_idx.shape[2]
+    G, Gs = H // K, H // Hs  # query heads per kv head, per selection row
+    l = int(block_size)
+    dev = q.device
+    pos = positions.to(device=dev, dtype=torch.long)
+    own = (pos // l)[:, None, None]  # (b, 1, 1)
+    ids = block_idx.to(device=dev, dtype=torch.long)
+    usable = block_valid.to(torch.bool) & (ids >= 0) & (ids < own)
+    ids = torch.cat((ids, own.expand(b, Hs, 1)), dim=-1)  # (b, Hs, kk + 1): the own block last
+    usable = torch.cat((usable, torch.ones((b, Hs, 1), dtype=torch.bool, device=dev)), dim=-1)
+    j = (ids[..., None] * l + torch.arange(l, device=dev)).flatten(2)  # (b, Hs, T)
+    vis = usable[..., None].expand(b, Hs, kk + 1, l).flatten(2) & (j <= pos[:, None, None]) & (j >= 0) & (j < N)
+    rows = j.clamp(0, max(N - 1, 0))
+    kv_of_row = (torch.arange(Hs, device=dev) * Gs) // G
+    bi = torch.arange(b, device=dev)[:, None, None]
+    keys = k[bi, rows, kv_of_row[None, :, None]]  # (b, Hs, T, d): the selected blocks only
+    vals = v[bi, rows, kv_of_row[None, :, None]].masked_fill(~vis[..., None], 0)
+    s = torch.einsum("brgd,brtd->brgt", q.reshape(b, Hs, Gs, d), keys) * scale
+    out, lse = _decode_softmax(s, vis[:, :, None, :], vals, "brgt,brtd->brgd")
+    return out.reshape(b, H, d), lse.reshape(b, H)
+
+
+def decode_select_topk(q: Tensor, ck: Tensor, positions: Tensor, *, num_mem: int, stride: int,
+                       selection_block_size: int, num_selected: int, share: bool, scale: float,
+                       interpolated: bool, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Spec 2 logits + 4 (causal) for one query per sequence at ``positions`` (b,): q (b, H, d) unrotated,
+    ck (b, M + C, K, d) a compressed-key buffer whose rows past a query's visible blocks may hold anything.
+
+    ``seq_len`` is a static bound on every sequence's length (positions < seq_len; C <= seq_len // s). The
+    candidates are those of a sequence of ``seq_len`` tokens and ``C`` compressed blocks; every candidate a
+    query at position t would not have with n = t + 1 tokens contains an invisible block or token (spec 4.4),
+    so its probability is exactly 0 and it is invalid: the valid selection equals ``select_blocks``' for
+    n = t + 1. Returns (block_idx int64, block_valid, values), each (b, Hs, kk) with kk = min(num_selected,
+    candidates) (0 when num_selected == 0 or C == 0)."""
+    b, H, d = q.shape
+    K = ck.shape[2]
+    G = H // K
+    C = ck.shape[1] - num_mem
+    dev = q.device
+    pos = positions.to(device=dev, dtype=torch.long)
+    sel = int(selection_block_size)
+    mapping = selection_mapping(stride, sel, interpolated)
+    U = num_candidates(seq_len, C, stride, sel, interpolated)
+    kk = min(int(num_selected), U) if (num_selected > 0 and C > 0) else 0
+    Hs = K if share else H
+    if kk == 0:
+        shape = (b, Hs, 0)
+        return (torch.zeros(shape, dtype=torch.long, device=dev), torch.zeros(shape, dtype=torch.bool, device=dev),
+                q.new_zeros(shape, dtype=_softmax_dtype(q.dtype)))
+    # the logits of compressed_attention and the scores of importance_scores, with per-query visibility
+    logits = torch.einsum("bkgd,bmkd->bkgm", q.reshape(b, K, G, d), ck[:, num_mem:]) * scale  # (b, K, G, C)
+    vis = ((torch.arange(C, device=dev) + 1) * stride - 1)[None, :] < pos[:, None]  # (b, C)
+    x = logits.reshape(b, H, C).masked_fill(~vis[:, None, :], masked_value(logits.dtype))
+    if share and G > 1:
+        x = x.masked_fill(~vis[:, None, :], 0).reshape(b, K, G, C).mean(dim=2)
+    x = x.masked_fill(~vis[:, None, :], masked_value(x.dtype))
+    # select_blocks' per-query step, the sequences of the batch as its query rows
+    cfg = dict(mapping=mapping, stride=stride, sel=sel, U=U, kk=kk, causal=True, interpolated=interpolated)
+    vals, idx, valid = _select_chunk(x[None], pos, cfg)
+    return idx[0], valid[0], vals[0]

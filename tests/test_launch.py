@@ -77,20 +77,23 @@ def test_every_family_uses_the_one_rule(d, dtype):
 
 
 def test_registry_is_the_one_list_of_families():
-    assert list(FAMILIES) == ["selected", "window", "compressed", "topk"]
+    assert list(FAMILIES) == ["selected", "window", "compressed", "topk", "decode"]
     for name, family in FAMILIES.items():
         module = family.module()
         assert module.__name__ == f"nsa_codegen.kernels.{name}" and callable(module.variant_specs)
         assert callable(family.resource_model().tile_configs)
         for op in family.ops:
             assert hasattr(torch.ops.nsa, op), op
-        fwd, bwd = family.specs(2, False, 16)
-        assert (fwd.family, bwd.family) == family.sources and fwd.group == 2 and not fwd.causal
-        assert fwd.block_size == (16 if family.has_block_size else 0)
+        causal = family.causal_modes[-1]
+        specs = family.specs(2, causal, 16)
+        assert tuple(s.family for s in specs) == family.sources and specs[0].group == 2
+        assert specs[0].causal == causal and specs[0].block_size == (16 if family.has_block_size else 0)
         for source in family.sources:
             assert family_of(source) is family and SOURCES[source] is family
         grid = list(family.grid())
-        assert len(grid) == (5 if family.has_block_size else 1) * 5 * 2 * 2
+        assert len(grid) == (5 if family.has_block_size else 1) * 5 * len(family.causal_modes) * len(family.sources)
+    # forward only and causal only: decoding needs no gradient and decodes causal modules
+    assert FAMILIES["decode"].sources == ("decode_fwd",) and FAMILIES["decode"].causal_modes == (True,)
     with pytest.raises(ValueError, match="family must be one of"):
         family_of("dense_fwd")
 
@@ -107,6 +110,11 @@ def test_variant_specs_from_tensors():
     idx = torch.empty(1, 8, 2, 3, dtype=torch.int32)
     assert [s.name for s in selected.variant_specs(q, k, idx, block_size=64, causal=False)] == [
         "select_fwd_bs64_g4_noncausal", "select_bwd_bs64_g4_noncausal"]
+    from nsa_codegen.kernels import decode
+
+    assert [s.name for s in decode.variant_specs(q[:, 0], k)] == ["decode_fwd_g4_causal"]
+    assert decode.variant_specs(q[:, 0], k, selection_heads=2)[0].group == 4
+    assert decode.variant_specs(q[:, 0], k, selection_heads=8)[0].group == 1
 
 
 # ----------------------------------------------------------------------------------------------------

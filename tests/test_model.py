@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nsa_codegen import DecodeCache, Transformer
+from nsa_codegen import StaticCache, Transformer
 from nsa_codegen.model import DenseCache, sample_next_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_forward_shapes_and_cache(attn):
     logits2, cache = model(tokens, return_cache=True)
     torch.testing.assert_close(logits2, logits)
     assert isinstance(cache, list) and len(cache) == SMALL["depth"]
-    assert all(isinstance(c, DecodeCache if attn == "nsa" else DenseCache) for c in cache)
+    assert all(isinstance(c, StaticCache if attn == "nsa" else DenseCache) for c in cache)
     assert all(c.seq_len == 11 for c in cache)
     step, cache = model(tokens[:, :1], cache=cache, return_cache=True)
     assert step.shape == (3, 1, 64) and cache[0].seq_len == 12
@@ -88,6 +88,67 @@ def test_sample_next_token_only_picks_allowed_tokens():
     assert picks(temperature=0.5, top_k=2) == {0, 1}
     assert picks() == set(range(6))
     assert set(sample_next_token(logits, temperature=0).flatten().tolist()) == {0}
+
+
+@pytest.mark.parametrize("attn", KINDS)
+def test_generate_decodes_into_preallocated_caches(attn, monkeypatch):
+    """generate makes its caches with init_cache, sized for the prompt and the new tokens: they never grow,
+    and every step writes into the same tensors."""
+    model = small_model(attn)
+    made = []
+    real = Transformer.init_cache
+
+    def recording(self, *args, **kwargs):
+        made.append(real(self, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(Transformer, "init_cache", recording)
+    prompt = torch.randint(0, 64, (2, 5))
+    out = model.generate(prompt, 9, temperature=0)
+    assert out.shape == (2, 14) and len(made) == 1
+    for cache in made[0]:
+        assert not cache.growable and cache.max_seq_len == cache.seq_len == 13 and cache.k.shape[1] == 13
+        assert cache.lengths.tolist() == [13, 13]
+
+
+@pytest.mark.parametrize("attn", KINDS)
+def test_ragged_prompts_in_one_batch(attn):
+    """Prompts of different lengths in one batch (per-sequence lengths), then the next tokens of each: every
+    sequence's logits equal those of its own parallel forward."""
+    model = small_model(attn)
+    torch.manual_seed(3)
+    streams = torch.randint(0, 64, (2, 20))
+    lengths = [3, 8]
+    prompt = torch.stack([torch.cat((streams[0, :3], torch.zeros(5, dtype=torch.long))), streams[1, :8]])
+    cache = model.init_cache(2, 20)
+    with torch.no_grad():
+        first = model(prompt, cache=cache, lengths=torch.tensor(lengths))
+        steps = [model(torch.stack([streams[0, 3 + j], streams[1, 8 + j]])[:, None], cache=cache)
+                 for j in range(12)]
+        for i, n in enumerate(lengths):
+            got = torch.cat([first[i, :n]] + [s[i] for s in steps])
+            torch.testing.assert_close(got, model(streams[i:i + 1, :n + 12])[0], rtol=1e-4, atol=1e-4)
+    assert cache[0].lengths.tolist() == [15, 20]
+
+
+@pytest.mark.parametrize("attn", KINDS)
+def test_decoding_step_has_no_data_dependent_op(attn):
+    """Under FakeTensorMode a value-dependent operation raises: the model's decoding steps have none (the
+    CPU-only token range check reads values, so the embedding gets fake token ids it does not check)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = small_model(attn)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cache = model.init_cache(2, 12)
+        x = model.token_emb(torch.zeros(2, 5, dtype=torch.long))
+        for layer, c in zip(model.layers, cache):
+            x, _ = layer(x, cache=c)
+        for _ in range(3):
+            x = model.token_emb(torch.zeros(2, 1, dtype=torch.long))
+            for layer, c in zip(model.layers, cache):
+                x, _ = layer(x, cache=c)
+            assert x.shape == (2, 1, SMALL["dim"])
+    assert cache[0].seq_len == 8
 
 
 @pytest.mark.parametrize("attn", KINDS)
@@ -155,8 +216,10 @@ def test_bad_constructor_arguments(kwargs, match):
     (lambda m, p: m.generate(p[None], 3), r"prompt must be a tensor of token ids of shape"),
     (lambda m, p: m(p + 64), r"tokens ids must be in \[0, num_tokens=64\), got values in"),
     (lambda m, p: m(p[0]), r"tokens must have shape \(batch, seq_len\)"),
-    (lambda m, p: m(p, cache=m(p, return_cache=True)[1]), r"exactly one new token"),
-    (lambda m, p: m(p[:, :1], cache=[]), r"cache must be the list of 2 DecodeCaches"),
+    (lambda m, p: m(p, cache=m(p, return_cache=True)[1], lengths=torch.tensor([1, 2])),
+     r"lengths is only allowed with a prefill"),
+    (lambda m, p: m(p, cache=m.init_cache(2, 4)), r"cache is full: 0 of max_seq_len=4"),
+    (lambda m, p: m(p[:, :1], cache=[]), r"cache must be the list of 2 StaticCaches"),
     (lambda m, p: m(p[:1, :1], cache=m(p, return_cache=True)[1]), r"cache was made for batch 2"),
 ])
 def test_bad_call_arguments(call, match):

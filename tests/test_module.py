@@ -462,15 +462,18 @@ def test_cache_on_non_causal_module():
         attn(torch.randn(1, 1, 64), cache=cache)
 
 
-def test_cache_with_more_than_one_token():
+def test_cache_takes_several_tokens_and_names_a_wrong_cache():
     attn = SparseAttention(**BASE, causal=True)
-    _, cache = attn(torch.randn(1, 8, 64), return_cache=True)
-    with pytest.raises(ValueError, match="exactly one new token"):
-        attn(torch.randn(1, 2, 64), cache=cache)
-    with pytest.raises(ValueError, match="cache must be the DecodeCache"):
+    x = torch.randn(1, 10, 64)
+    with torch.no_grad():
+        parallel = attn(x)
+        out, cache = attn(x[:, :8], return_cache=True)
+        two = attn(x[:, 8:], cache=cache)  # two tokens, decoded one position at a time
+    torch.testing.assert_close(torch.cat((out, two), 1), parallel, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cache must be the StaticCache"):
         attn(torch.randn(1, 1, 64), cache=(cache.k, cache.v))
-    with pytest.raises(ValueError, match="cache.k has shape"):
-        attn(torch.randn(3, 1, 64), cache=cache)  # batch mismatch
+    with pytest.raises(ValueError, match="cache was made for batch 1, inp has batch 3"):
+        attn(torch.randn(3, 1, 64), cache=cache)
 
 
 def test_defaults():
@@ -557,7 +560,6 @@ def test_autocast_input_is_not_a_dtype_mismatch():
 
 def test_cache_of_another_dtype_is_named():
     attn = _small_module()
-    _, cache = attn(torch.randn(1, 20, 64), return_cache=True)
-    cache64 = type(cache)(*(t.double() for t in cache))
-    with pytest.raises(ValueError, match="cache.k is torch.float64"):
+    cache64 = attn.init_cache(1, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cache is torch.float64 on cpu, but this input projects to torch.float32"):
         attn(torch.randn(1, 1, 64), cache=cache64)

@@ -30,7 +30,8 @@ class VariantSpec:
     causal: bool  # causal adds the own-block diagonal with its intra-block mask
 
     def __post_init__(self):
-        if family_of(self.family).has_block_size:
+        family = family_of(self.family)
+        if family.has_block_size:
             if not isinstance(self.block_size, int) or self.block_size < 1:
                 raise ValueError(f"block_size must be a positive int for {self.family}, got {self.block_size!r}")
         elif self.block_size != 0:
@@ -39,6 +40,8 @@ class VariantSpec:
             raise ValueError(f"group must be a positive int, got {self.group!r}")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        if self.causal not in family.causal_modes:
+            raise ValueError(f"causal must be one of {family.causal_modes} for {self.family}, got {self.causal!r}")
 
     @property
     def name(self) -> str:

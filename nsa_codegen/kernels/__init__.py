@@ -1,8 +1,8 @@
 """The family registry: the one list of kernel families.
 
 A family is one branch of NSA computed by generated kernels. Its entry names everything the rest of
-the package needs to find it: the generated sources (forward, backward; one template each under
-`templates/`), the resource model that prunes their tile configs at render time
+the package needs to find it: the generated sources (forward, then backward where the family has one; one
+template each under `templates/`), the resource model that prunes their tile configs at render time
 (`nsa_codegen.codegen.resources.<resources>`), the module with its launchers and `torch.library` op
 (`nsa_codegen.kernels.<name>`), and the axes of the grid shipped in `generated/`.
 
@@ -24,14 +24,16 @@ CAUSAL = (True, False)
 @dataclass(frozen=True)
 class Family:
     name: str  # module under nsa_codegen.kernels
-    sources: tuple[str, str]  # generated sources (forward, backward): templates/<source>.py.j2
+    sources: tuple[str, ...]  # generated sources (forward, then backward if any): templates/<source>.py.j2
     spec_section: int  # section of docs/nsa-spec.md the family computes
     has_block_size: bool  # the selection block size l' changes the code (else it is a runtime argument)
     resources: str  # resource model: nsa_codegen.codegen.resources.<resources>
     ops: tuple[str, ...]  # torch.library ops it registers (namespace nsa)
+    causal_modes: tuple[bool, ...] = CAUSAL  # the causal flags it has code for (decoding is causal only)
 
     def specs(self, group: int, causal: bool, block_size: int = 0):
-        """(forward, backward) VariantSpecs; arguments are Python ints / bools (structural)."""
+        """One VariantSpec per source ((forward, backward), or (forward,) for a forward-only family);
+        arguments are Python ints / bools (structural)."""
         from ..codegen.spec import VariantSpec
 
         block_size = int(block_size) if self.has_block_size else 0
@@ -40,7 +42,7 @@ class Family:
     def grid(self):
         """The VariantSpecs `make generate` ships for this family."""
         block_sizes = BLOCK_SIZES if self.has_block_size else (0,)
-        for block_size, group, causal in itertools.product(block_sizes, GROUPS, CAUSAL):
+        for block_size, group, causal in itertools.product(block_sizes, GROUPS, self.causal_modes):
             yield from self.specs(group, causal, block_size)
 
     def resource_model(self):
@@ -60,6 +62,9 @@ FAMILIES = {
         Family("compressed", ("cmp_fwd", "cmp_bwd"), 2, False, "dense",
                ("compressed_attention", "compressed_attention_backward")),
         Family("topk", ("topk_fwd", "topk_bwd"), 4, True, "topk", ("select_topk", "select_topk_backward")),
+        # forward only (decoding needs no gradient); l' is a runtime argument of its selected kernel
+        Family("decode", ("decode_fwd",), 8, False, "decode", ("decode_range_attention", "decode_selected_attention"),
+               causal_modes=(True,)),
     )
 }
 
