@@ -11,7 +11,8 @@ from conftest import POISON_INT, interpreter_lane
 from nsa_codegen import reference
 from nsa_codegen.codegen import cache
 from nsa_codegen.codegen.spec import VariantSpec
-from nsa_codegen.kernels import FAMILIES, SOURCES, _launch, compressed, dense, family_of, selected, topk, tuning
+from nsa_codegen.kernels import (FAMILIES, SOURCES, _launch, combine, compressed, dense, family_of, selected, topk,
+                                 tuning)
 from nsa_codegen.kernels import window as window_ops
 
 C = [  # synthetic configs, render-time order
@@ -68,6 +69,10 @@ def test_every_family_uses_the_one_rule(d, dtype):
                 assert {k: got[k] for k in constexprs} == constexprs and got_launch == launch, spec.name
             elif family.name == "topk":
                 assert topk._config(mod, d, dtype, None) == (constexprs, launch), spec.name
+            elif family.name == "combine":
+                got, got_launch = combine._config(mod, d, dtype)
+                assert {k: got[k] for k in constexprs} == constexprs and got_launch == launch, spec.name
+                assert got["BLOCK_R"] * got["BLOCK_D"] == 4096, spec.name  # the resource model's tile
             else:
                 assert _launch.choose_config(mod, d, dtype) == (constexprs, launch), spec.name
 
@@ -77,19 +82,23 @@ def test_every_family_uses_the_one_rule(d, dtype):
 
 
 def test_registry_is_the_one_list_of_families():
-    assert list(FAMILIES) == ["selected", "window", "compressed", "topk"]
+    assert list(FAMILIES) == ["selected", "window", "compressed", "topk", "combine"]
     for name, family in FAMILIES.items():
         module = family.module()
         assert module.__name__ == f"nsa_codegen.kernels.{name}" and callable(module.variant_specs)
         assert callable(family.resource_model().tile_configs)
         for op in family.ops:
             assert hasattr(torch.ops.nsa, op), op
-        fwd, bwd = family.specs(2, False, 16)
-        assert (fwd.family, bwd.family) == family.sources and fwd.group == 2 and not fwd.causal
-        assert fwd.block_size == (16 if family.has_block_size else 0)
+        fwd, bwd = family.specs(2, True, 16)
+        assert (fwd.family, bwd.family) == family.sources
         for source in family.sources:
             assert family_of(source) is family and SOURCES[source] is family
         grid = list(family.grid())
+        if family.one_variant:  # the arguments do not reach the spec: one variant per source
+            assert (fwd.block_size, fwd.group, fwd.causal) == (0, 1, False) and not family.has_block_size
+            assert grid == [fwd, bwd] and fwd.name == fwd.family
+            continue
+        assert fwd.group == 2 and fwd.causal and fwd.block_size == (16 if family.has_block_size else 0)
         assert len(grid) == (5 if family.has_block_size else 1) * 5 * 2 * 2
     with pytest.raises(ValueError, match="family must be one of"):
         family_of("dense_fwd")
@@ -107,6 +116,7 @@ def test_variant_specs_from_tensors():
     idx = torch.empty(1, 8, 2, 3, dtype=torch.int32)
     assert [s.name for s in selected.variant_specs(q, k, idx, block_size=64, causal=False)] == [
         "select_fwd_bs64_g4_noncausal", "select_bwd_bs64_g4_noncausal"]
+    assert [s.name for s in combine.variant_specs()] == ["combine_fwd", "combine_bwd"]
 
 
 # ----------------------------------------------------------------------------------------------------

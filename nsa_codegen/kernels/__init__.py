@@ -1,10 +1,10 @@
 """The family registry: the one list of kernel families.
 
-A family is one branch of NSA computed by generated kernels. Its entry names everything the rest of
-the package needs to find it: the generated sources (forward, backward; one template each under
-`templates/`), the resource model that prunes their tile configs at render time
-(`nsa_codegen.codegen.resources.<resources>`), the module with its launchers and `torch.library` op
-(`nsa_codegen.kernels.<name>`), and the axes of the grid shipped in `generated/`.
+A family is one step of NSA computed by generated kernels (a branch, the top-k, the gated combine).
+Its entry names everything the rest of the package needs to find it: the generated sources (forward,
+backward; one template each under `templates/`), the resource model that prunes their tile configs at
+render time (`nsa_codegen.codegen.resources.<resources>`), the module with its launchers and
+`torch.library` op (`nsa_codegen.kernels.<name>`), and the axes of the grid shipped in `generated/`.
 
 `codegen` (spec validation, the shipped grid, rendering) and the launchers read this table; adding a
 family is one entry here, one template per source, one resource model and one test file
@@ -29,16 +29,24 @@ class Family:
     has_block_size: bool  # the selection block size l' changes the code (else it is a runtime argument)
     resources: str  # resource model: nsa_codegen.codegen.resources.<resources>
     ops: tuple[str, ...]  # torch.library ops it registers (namespace nsa)
+    # the code depends on no spec field (no block size, head group or causal mask): one variant per
+    # source, named by the source alone (its spec holds block_size 0, group 1, causal False)
+    one_variant: bool = False
 
     def specs(self, group: int, causal: bool, block_size: int = 0):
         """(forward, backward) VariantSpecs; arguments are Python ints / bools (structural)."""
         from ..codegen.spec import VariantSpec
 
+        if self.one_variant:
+            return tuple(VariantSpec(source, 0, 1, False) for source in self.sources)
         block_size = int(block_size) if self.has_block_size else 0
         return tuple(VariantSpec(source, block_size, int(group), bool(causal)) for source in self.sources)
 
     def grid(self):
         """The VariantSpecs `make generate` ships for this family."""
+        if self.one_variant:
+            yield from self.specs(1, False)
+            return
         block_sizes = BLOCK_SIZES if self.has_block_size else (0,)
         for block_size, group, causal in itertools.product(block_sizes, GROUPS, CAUSAL):
             yield from self.specs(group, causal, block_size)
@@ -60,6 +68,8 @@ FAMILIES = {
         Family("compressed", ("cmp_fwd", "cmp_bwd"), 2, False, "dense",
                ("compressed_attention", "compressed_attention_backward")),
         Family("topk", ("topk_fwd", "topk_bwd"), 4, True, "topk", ("select_topk", "select_topk_backward")),
+        Family("combine", ("combine_fwd", "combine_bwd"), 7, False, "combine",
+               ("gated_combine", "gated_combine_backward"), one_variant=True),
     )
 }
 
