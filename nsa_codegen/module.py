@@ -1,10 +1,10 @@
 """`SparseAttention`: the drop-in NSA module (the seed's API), with incremental decoding.
 
 Semantics: docs/nsa-spec.md. The module composes the public ops of `nsa_codegen.kernels` (compressed
-attention, top-k selection, selected attention, sliding window); each op runs the generated Triton
-kernels on CUDA when `use_triton_kernel` is set, else the pure-PyTorch reference, and reports the path
-it took in `last_paths`. Projections, compression MLPs, rotary embedding and the gated combine are
-PyTorch.
+attention, top-k selection, selected attention, sliding window, the gated combine's weighted sum); each
+op runs the generated Triton kernels on CUDA when `use_triton_kernel` is set, else the pure-PyTorch
+reference, and reports the path it took in `last_paths`. Projections, compression MLPs, rotary
+embedding and the combine's gate (Linear and sigmoid) are PyTorch.
 
 Parameter names and shapes equal those of native-sparse-attention-pytorch 0.2.3, so its `state_dict`
 loads into this module (`load_state_dict(..., strict=True)`).
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from .kernels import combine as combine_ops
 from .kernels import compressed as compressed_ops
 from .kernels import decode as decode_ops
 from .kernels import selected as selected_ops
@@ -446,14 +447,15 @@ class SparseAttention(nn.Module):
         return window_ops.sliding_window_attention(rq, rk, v, **kw, **self._op_kwargs())
 
     def _combine(self, hx: Tensor, o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor):
-        """Spec 7: sigmoid gates laid out (h s), weighted sum, merge heads, output projection."""
+        """Spec 7: sigmoid gates laid out (h s), weighted sum (one op: a single pass over the branch
+        outputs on the kernels), merge heads, output projection."""
         b, n = hx.shape[:2]
         gates = self.to_strategy_combine(hx)
         if gates.shape[-1] != 3 * self.heads:
             raise ValueError(f"strategy_combine_mlp must map (b, n, dim) to (b, n, 3 * heads = "
                              f"{3 * self.heads}), got last dim {gates.shape[-1]}")
-        gates = gates.reshape(b, n, self.heads, 3, 1).to(o_cmp.dtype)
-        out = gates[..., 0, :] * o_cmp + gates[..., 1, :] * o_slc + gates[..., 2, :] * o_swa
+        gates = gates.reshape(b, n, 3 * self.heads).to(o_cmp.dtype)
+        out = combine_ops.gated_combine(o_cmp, o_slc, o_swa, gates, **self._op_kwargs())
         return self.combine_heads(out.reshape(b, n, self.heads * self.dim_head))
 
     # ----------------------------------------------------------------------------------------------

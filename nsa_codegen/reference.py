@@ -54,6 +54,7 @@ __all__ = [
     "usable_selection",
     "selected_attention",
     "sliding_window_attention",
+    "gated_combine",
     "nsa_attention",
     "dense_attention_backward",
     "sliding_window_keys",
@@ -72,6 +73,7 @@ __all__ = [
     "decode_range_attention",
     "decode_selected_attention",
     "decode_select_topk",
+    "gated_combine_backward",
 ]
 
 NEG_FACTOR = 10  # invisible logits are -finfo.max / 10
@@ -641,6 +643,19 @@ def sliding_window_attention(
 
 
 # ----------------------------------------------------------------------------------------------
+# 7. gated combine
+
+
+def gated_combine(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor) -> Tensor:
+    """Spec 7's weighted sum: o_cmp, o_slc, o_swa (b, n, H, d); gates (b, n, 3H) laid out ``(h s)``,
+    s = (compressed, selected, sliding), the gate values as the module computes them (after the sigmoid).
+    Returns (b, n, H, d) in the inputs' dtype, each product and sum rounded to it (eager PyTorch)."""
+    b, n, H, _ = o_cmp.shape
+    g = gates.reshape(b, n, H, 3, 1)
+    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_swa
+
+
+# ----------------------------------------------------------------------------------------------
 # the functional core
 
 
@@ -712,7 +727,7 @@ def nsa_attention(
     o_swa = sliding_window_attention(qr, kr, v, window=window, causal=causal, scale=scale)
 
     g = gate_logits.reshape(b, n, H, 3).sigmoid().to(q.dtype)
-    out = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
+    out = gated_combine(o_cmp, o_slc, o_swa, g.reshape(b, n, 3 * H))
     if return_parts:
         return out, dict(o_cmp=o_cmp, o_slc=o_slc, o_swa=o_swa, gates=g, block_idx=idx,
                          block_valid=valid, values=vals)
@@ -1169,3 +1184,13 @@ def decode_select_topk(q: Tensor, ck: Tensor, positions: Tensor, *, num_mem: int
     cfg = dict(mapping=mapping, stride=stride, sel=sel, U=U, kk=kk, causal=True, interpolated=interpolated)
     vals, idx, valid = _select_chunk(x[None], pos, cfg)
     return idx[0], valid[0], vals[0]
+def gated_combine_backward(o_cmp: Tensor, o_slc: Tensor, o_swa: Tensor, gates: Tensor, dout: Tensor):
+    """(d o_cmp, d o_slc, d o_swa, d gates) of ``gated_combine`` in closed form: d o_s = g_s * dout (in
+    the inputs' dtype) and d g_s = sum over d of dout * o_s (summed in at least fp32, returned in the gates'
+    dtype), d gates (b, n, 3H) laid out ``(h s)`` like the gates."""
+    b, n, H, _ = o_cmp.shape
+    g = gates.reshape(b, n, H, 3, 1)
+    grads = tuple(g[..., s, :] * dout for s in range(3))
+    acc = torch.promote_types(dout.dtype, torch.float32)
+    dg = torch.stack([(dout.to(acc) * o.to(acc)).sum(-1) for o in (o_cmp, o_slc, o_swa)], dim=-1)
+    return (*grads, dg.reshape(b, n, 3 * H).to(gates.dtype))

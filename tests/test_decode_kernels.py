@@ -331,7 +331,8 @@ def test_module_decoding_on_the_kernels_matches_parallel(monkeypatch, share):
         cache = attn.init_cache(2, 20)
         first = attn(x[:, :7], cache=cache)
         steps = [attn(x[:, i:i + 1], cache=cache) for i in range(7, 20)]
-    assert attn.last_paths == {"compressed": "triton", "topk": "reference", "selected": "triton", "sliding": "triton"}
+    assert attn.last_paths == {"compressed": "triton", "topk": "reference", "selected": "triton", "sliding": "triton",
+                               "combine": "reference"}
     assert {kind for kind, _ in calls} == {"range", "selected"} and len(calls) == 3 * 13
     torch.testing.assert_close(torch.cat([first] + steps, 1), parallel, atol=1e-5, rtol=0)
 
@@ -442,7 +443,7 @@ def test_gpu_decoding_step_in_a_cuda_graph(share):
         with torch.cuda.graph(graph):
             static_out = attn(static_in, cache=graph_cache)
         assert attn.last_paths == {"compressed": "triton", "topk": "reference", "selected": "triton",
-                                   "sliding": "triton"}
+                                   "sliding": "triton", "combine": "triton"}
         for i in range(steps):
             static_in.copy_(tokens[i])
             graph.replay()

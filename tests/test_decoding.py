@@ -296,7 +296,8 @@ def test_decoding_step_is_static_and_never_syncs(monkeypatch, route):
             assert [t.shape for t in _step_tensors(cache)] == shapes
     monkeypatch.undo()
     want = "triton" if route == "ops" else "reference"
-    assert attn.last_paths == {"compressed": want, "topk": "reference", "selected": want, "sliding": want}
+    assert attn.last_paths == {"compressed": want, "topk": "reference", "selected": want, "sliding": want,
+                               "combine": "reference"}
     assert {o.shape for o in outs} == {(2, 1, DIM)}
     # sequence 0 continued its 4 prompt tokens; compare it with the parallel forward
     torch.testing.assert_close(torch.cat([first[:1]] + [o[:1] for o in outs], 1), parallel[:1], atol=ATOL, rtol=0)

@@ -22,23 +22,27 @@ ROOT = Path(__file__).resolve().parent.parent
 OFF_GRID = VariantSpec("select_fwd", 24, 2, True)  # l' = 24 is outside the default grid
 
 
-def test_shipped_grid_is_the_registry_grid_245_unique_variants():
+def test_shipped_grid_is_the_registry_grid_247_unique_variants():
     """Selected attention and top-k (l' x G x causal x {fwd, bwd}: 100 each), sliding window and compressed
-    attention (G x causal x {fwd, bwd}: 20 each), decoding (G, causal only, forward only: 5), in the family
-    order of the registry."""
+    attention (G x causal x {fwd, bwd}: 20 each), decoding (G, causal only, forward only: 5), the gated
+    combine (one forward, one backward), in the family order of the registry."""
     specs = list(default_variants())
     assert specs == list(shipped_grid())
-    assert len(specs) == 245
-    assert len({s.name for s in specs}) == 245
-    assert len({s.key for s in specs}) == 245
+    assert len(specs) == 247
+    assert len({s.name for s in specs}) == 247
+    assert len({s.key for s in specs}) == 247
     assert Counter(s.family for s in specs) == {
         "select_fwd": 50, "select_bwd": 50, "topk_fwd": 50, "topk_bwd": 50,
-        "window_fwd": 10, "window_bwd": 10, "cmp_fwd": 10, "cmp_bwd": 10, "decode_fwd": 5}
+        "window_fwd": 10, "window_bwd": 10, "cmp_fwd": 10, "cmp_bwd": 10, "decode_fwd": 5,
+        "combine_fwd": 1, "combine_bwd": 1}
     assert set(SOURCES) == {s.family for s in specs}
     assert [SOURCES[s.family].name for s in specs] == sorted(
         (SOURCES[s.family].name for s in specs), key=list(FAMILIES).index)
     for family in FAMILIES.values():
         mine = [s for s in specs if s.family in family.sources]
+        if family.one_variant:
+            assert [(s.block_size, s.group, s.causal) for s in mine] == [(0, 1, False)] * len(family.sources)
+            continue
         assert {s.block_size for s in mine} == (set(BLOCK_SIZES) if family.has_block_size else {0})
         assert {s.group for s in mine} == set(GROUPS) and {s.causal for s in mine} == set(family.causal_modes)
 
@@ -47,6 +51,7 @@ def test_names_are_readable_and_invertible():
     spec = VariantSpec("select_fwd", 64, 16, True)
     assert spec.name == "select_fwd_bs64_g16_causal"
     assert VariantSpec("select_bwd", 20, 1, False).name == "select_bwd_bs20_g1_noncausal"
+    assert VariantSpec("combine_bwd", 0, 1, False).name == "combine_bwd"  # one variant: the source's name
     for s in default_variants():
         assert VariantSpec.from_name(s.name) == s
     with pytest.raises(ValueError, match="not a variant name"):
@@ -60,6 +65,8 @@ def test_names_are_readable_and_invertible():
         (dict(family="select_fwd", block_size=0, group=1, causal=True), "block_size"),
         (dict(family="select_fwd", block_size=64, group=0, causal=True), "group"),
         (dict(family="select_fwd", block_size=64, group=1, causal=1), "causal"),
+        (dict(family="combine_fwd", block_size=0, group=2, causal=False), "one variant"),
+        (dict(family="combine_fwd", block_size=0, group=1, causal=True), "one variant"),
     ],
 )
 def test_spec_rejects_bad_fields(kwargs, word):
@@ -69,7 +76,7 @@ def test_spec_rejects_bad_fields(kwargs, word):
 
 def test_generated_dir_is_fresh_and_generate_is_idempotent(tmp_path):
     first = render.generate(default_variants(), tmp_path)
-    assert first["total"] == 245 and len(first["changed"]) == 246  # 245 sources + manifest
+    assert first["total"] == 247 and len(first["changed"]) == 248  # 247 sources + manifest
     second = render.generate(default_variants(), tmp_path)
     assert second["changed"] == [] and second["removed"] == []
     # the committed generated/ equals a fresh render, byte for byte

@@ -11,7 +11,8 @@ from conftest import POISON_INT, interpreter_lane
 from nsa_codegen import reference
 from nsa_codegen.codegen import cache
 from nsa_codegen.codegen.spec import VariantSpec
-from nsa_codegen.kernels import FAMILIES, SOURCES, _launch, compressed, dense, family_of, selected, topk, tuning
+from nsa_codegen.kernels import (FAMILIES, SOURCES, _launch, combine, compressed, dense, family_of, selected, topk,
+                                 tuning)
 from nsa_codegen.kernels import window as window_ops
 
 C = [  # synthetic configs, render-time order
@@ -68,6 +69,10 @@ def test_every_family_uses_the_one_rule(d, dtype):
                 assert {k: got[k] for k in constexprs} == constexprs and got_launch == launch, spec.name
             elif family.name == "topk":
                 assert topk._config(mod, d, dtype, None) == (constexprs, launch), spec.name
+            elif family.name == "combine":
+                got, got_launch = combine._config(mod, d, dtype)
+                assert {k: got[k] for k in constexprs} == constexprs and got_launch == launch, spec.name
+                assert got["BLOCK_R"] * got["BLOCK_D"] == 4096, spec.name  # the resource model's tile
             else:
                 assert _launch.choose_config(mod, d, dtype) == (constexprs, launch), spec.name
 
@@ -77,7 +82,7 @@ def test_every_family_uses_the_one_rule(d, dtype):
 
 
 def test_registry_is_the_one_list_of_families():
-    assert list(FAMILIES) == ["selected", "window", "compressed", "topk", "decode"]
+    assert list(FAMILIES) == ["selected", "window", "compressed", "topk", "decode", "combine"]
     for name, family in FAMILIES.items():
         module = family.module()
         assert module.__name__ == f"nsa_codegen.kernels.{name}" and callable(module.variant_specs)
@@ -86,11 +91,16 @@ def test_registry_is_the_one_list_of_families():
             assert hasattr(torch.ops.nsa, op), op
         causal = family.causal_modes[-1]
         specs = family.specs(2, causal, 16)
-        assert tuple(s.family for s in specs) == family.sources and specs[0].group == 2
-        assert specs[0].causal == causal and specs[0].block_size == (16 if family.has_block_size else 0)
+        assert tuple(s.family for s in specs) == family.sources
         for source in family.sources:
             assert family_of(source) is family and SOURCES[source] is family
         grid = list(family.grid())
+        if family.one_variant:  # the arguments do not reach the spec: one variant per source
+            assert all((s.block_size, s.group, s.causal) == (0, 1, False) for s in specs)
+            assert not family.has_block_size and grid == list(specs) and specs[0].name == specs[0].family
+            continue
+        assert specs[0].group == 2 and specs[0].causal == causal
+        assert specs[0].block_size == (16 if family.has_block_size else 0)
         assert len(grid) == (5 if family.has_block_size else 1) * 5 * len(family.causal_modes) * len(family.sources)
     # forward only and causal only: decoding needs no gradient and decodes causal modules
     assert FAMILIES["decode"].sources == ("decode_fwd",) and FAMILIES["decode"].causal_modes == (True,)
@@ -115,6 +125,7 @@ def test_variant_specs_from_tensors():
     assert [s.name for s in decode.variant_specs(q[:, 0], k)] == ["decode_fwd_g4_causal"]
     assert decode.variant_specs(q[:, 0], k, selection_heads=2)[0].group == 4
     assert decode.variant_specs(q[:, 0], k, selection_heads=8)[0].group == 1
+    assert [s.name for s in combine.variant_specs()] == ["combine_fwd", "combine_bwd"]
 
 
 # ----------------------------------------------------------------------------------------------------

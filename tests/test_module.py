@@ -154,7 +154,7 @@ def test_last_paths_cpu_is_reference(use_triton_kernel):
                            compress_block_size=4, selection_block_size=4, num_selected_blocks=2,
                            use_triton_kernel=use_triton_kernel, causal=True)
     attn(torch.randn(1, 20, 64))
-    assert attn.last_paths == dict.fromkeys(("compressed", "topk", "selected", "sliding"), "reference")
+    assert attn.last_paths == dict.fromkeys(("compressed", "topk", "selected", "sliding", "combine"), "reference")
     attn.num_selected_blocks = 0  # no selection to make: the top-k is not called
     attn(torch.randn(1, 20, 64))
     assert attn.last_paths["topk"] == "none" and attn.last_paths["selected"] == "reference"
@@ -253,7 +253,7 @@ def test_inputs_outside_the_kernels_run_the_reference(dim_head, dtype):
     x, grad_out = torch.randn(2, 21, 32, dtype=dtype), torch.randn(2, 21, 32, dtype=dtype)
     want_out, want_grads, _, _ = reference_out_and_grads(attn, x, grad_out)
     assert_module_matches(attn, x, want_out, want_grads, grad_out)
-    assert attn.last_paths == dict.fromkeys(("compressed", "topk", "selected", "sliding"), "reference")
+    assert attn.last_paths == dict.fromkeys(("compressed", "topk", "selected", "sliding", "combine"), "reference")
 
 
 OP_PATH_CASES = [  # (causal, window, compress l, stride, l', k, share, diff_topk, interpolated)
@@ -280,12 +280,12 @@ def test_op_path_matches_reference_path(case, monkeypatch):
     randomize_zero_init(attn)
     x, grad_out = torch.randn(2, 29, 64), torch.randn(2, 29, 64)
     want_out, want_grads, _, _ = reference_out_and_grads(attn, x, grad_out)
-    from nsa_codegen.kernels import compressed, selected, topk, window as window_ops
+    from nsa_codegen.kernels import combine, compressed, selected, topk, window as window_ops
 
-    for module in (compressed, selected, topk, window_ops):
+    for module in (combine, compressed, selected, topk, window_ops):
         monkeypatch.setattr(module, "route", lambda t, use_kernels=True: "triton" if use_kernels else "reference")
     assert_module_matches(attn, x, want_out, want_grads, grad_out)
-    expected = {"compressed": "triton", "selected": "triton", "sliding": "triton",
+    expected = {"compressed": "triton", "selected": "triton", "sliding": "triton", "combine": "triton",
                 "topk": "none" if k == 0 else ("reference" if sel % s or sel < s else "triton")}
     assert attn.last_paths == expected
     attn.use_triton_kernel = False
@@ -528,13 +528,13 @@ def test_cuda_selected_branch_runs_triton(share):
                            num_selected_blocks=4, query_heads_share_selected_kv=share).cuda()
     x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
     out = attn(x)
-    assert attn.last_paths["selected"] == "triton"
+    assert attn.last_paths["selected"] == "triton" and attn.last_paths["combine"] == "triton"
     out.square().mean().backward()
     assert torch.isfinite(x.grad).all()
     attn.use_triton_kernel = False
     with torch.no_grad():
         ref = attn(x)
-    assert attn.last_paths["selected"] == "reference"
+    assert attn.last_paths["selected"] == "reference" and attn.last_paths["combine"] == "reference"
     torch.testing.assert_close(out.detach(), ref, atol=1e-2, rtol=1e-2)
 
 

@@ -26,11 +26,16 @@ GENERATOR_VERSION = "0.1.0"
 class VariantSpec:
     family: str  # generated source of a registered family (nsa_codegen.kernels): templates/<family>.py.j2
     block_size: int  # selection block size l' (0 for families without one)
-    group: int  # query heads packed per program: G for shared selection, 1 for unshared
-    causal: bool  # causal adds the own-block diagonal with its intra-block mask
+    group: int  # query heads packed per program: G for shared selection, 1 for unshared (and one-variant families)
+    causal: bool  # causal adds the own-block diagonal with its intra-block mask (False for one-variant families)
 
     def __post_init__(self):
         family = family_of(self.family)
+        if family.one_variant:
+            if self.block_size != 0 or self.group != 1 or isinstance(self.group, bool) or self.causal is not False:
+                raise ValueError(f"{self.family} has one variant: block_size must be 0, group 1 and causal False, "
+                                 f"got block_size={self.block_size!r}, group={self.group!r}, causal={self.causal!r}")
+            return
         if family.has_block_size:
             if not isinstance(self.block_size, int) or self.block_size < 1:
                 raise ValueError(f"block_size must be a positive int for {self.family}, got {self.block_size!r}")
@@ -45,7 +50,10 @@ class VariantSpec:
 
     @property
     def name(self) -> str:
-        """Readable and unique: select_fwd_bs64_g16_causal, window_fwd_g4_noncausal."""
+        """Readable and unique: select_fwd_bs64_g16_causal, window_fwd_g4_noncausal; a family with one
+        variant is named by its source (combine_fwd)."""
+        if family_of(self.family).one_variant:
+            return self.family
         mode = "causal" if self.causal else "noncausal"
         block = f"_bs{self.block_size}" if self.block_size else ""
         return f"{self.family}{block}_g{self.group}_{mode}"
@@ -67,6 +75,11 @@ class VariantSpec:
     def from_name(cls, name: str) -> "VariantSpec":
         """Inverse of `name`, e.g. for `python -m nsa_codegen cache show select_fwd_bs64_g16_causal`."""
         try:
+            if family_of(name).one_variant:
+                return cls(name, 0, 1, False)
+        except ValueError:
+            pass
+        try:
             head, g, mode = name.rsplit("_", 2)
             block_size = 0
             if head.rsplit("_", 1)[-1].startswith("bs"):
@@ -77,5 +90,6 @@ class VariantSpec:
             return cls(head, block_size, int(g[1:]), mode == "causal")
         except ValueError:
             raise ValueError(
-                f"not a variant name: {name!r} (expected <family>[_bs<l'>]_g<G>_<causal|noncausal>)"
+                f"not a variant name: {name!r} (expected <family>[_bs<l'>]_g<G>_<causal|noncausal>, or the source "
+                f"name of a family with one variant)"
             ) from None

@@ -1,10 +1,11 @@
 """The family registry: the one list of kernel families.
 
-A family is one branch of NSA computed by generated kernels. Its entry names everything the rest of
-the package needs to find it: the generated sources (forward, then backward where the family has one; one
-template each under `templates/`), the resource model that prunes their tile configs at render time
-(`nsa_codegen.codegen.resources.<resources>`), the module with its launchers and `torch.library` op
-(`nsa_codegen.kernels.<name>`), and the axes of the grid shipped in `generated/`.
+A family is one step of NSA computed by generated kernels (a branch, the top-k, decoding, the gated
+combine). Its entry names everything the rest of the package needs to find it: the generated sources
+(forward, then backward where the family has one; one template each under `templates/`), the resource
+model that prunes their tile configs at render time (`nsa_codegen.codegen.resources.<resources>`), the
+module with its launchers and `torch.library` op (`nsa_codegen.kernels.<name>`), and the axes of the grid
+shipped in `generated/`.
 
 `codegen` (spec validation, the shipped grid, rendering) and the launchers read this table; adding a
 family is one entry here, one template per source, one resource model and one test file
@@ -30,17 +31,25 @@ class Family:
     resources: str  # resource model: nsa_codegen.codegen.resources.<resources>
     ops: tuple[str, ...]  # torch.library ops it registers (namespace nsa)
     causal_modes: tuple[bool, ...] = CAUSAL  # the causal flags it has code for (decoding is causal only)
+    # the code depends on no spec field (no block size, head group or causal mask): one variant per
+    # source, named by the source alone (its spec holds block_size 0, group 1, causal False)
+    one_variant: bool = False
 
     def specs(self, group: int, causal: bool, block_size: int = 0):
         """One VariantSpec per source ((forward, backward), or (forward,) for a forward-only family);
         arguments are Python ints / bools (structural)."""
         from ..codegen.spec import VariantSpec
 
+        if self.one_variant:
+            return tuple(VariantSpec(source, 0, 1, False) for source in self.sources)
         block_size = int(block_size) if self.has_block_size else 0
         return tuple(VariantSpec(source, block_size, int(group), bool(causal)) for source in self.sources)
 
     def grid(self):
         """The VariantSpecs `make generate` ships for this family."""
+        if self.one_variant:
+            yield from self.specs(1, False)
+            return
         block_sizes = BLOCK_SIZES if self.has_block_size else (0,)
         for block_size, group, causal in itertools.product(block_sizes, GROUPS, self.causal_modes):
             yield from self.specs(group, causal, block_size)
@@ -65,6 +74,8 @@ FAMILIES = {
         # forward only (decoding needs no gradient); l' is a runtime argument of its selected kernel
         Family("decode", ("decode_fwd",), 8, False, "decode", ("decode_range_attention", "decode_selected_attention"),
                causal_modes=(True,)),
+        Family("combine", ("combine_fwd", "combine_bwd"), 7, False, "combine",
+               ("gated_combine", "gated_combine_backward"), one_variant=True),
     )
 }
 
