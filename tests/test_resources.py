@@ -1,7 +1,9 @@
 """The sympy resource model of the selected-attention kernels (nsa_codegen/codegen/resources/selected.py) on
-the shared core (nsa_codegen/codegen/resources/__init__.py)."""
+the shared core (nsa_codegen/codegen/resources/__init__.py), and the program layout the templates render
+from (`layout`: its rules per group size, block size and forced option)."""
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -53,26 +55,83 @@ def test_large_blocks_drop_deep_pipelines():
     assert not dropped and len(kept) == 6
 
 
-def test_layout_rules():
-    lay = resources.layout
-    assert lay(VariantSpec("select_fwd", 64, 16, True))["TOKENS_PER_PROGRAM"] == 1
-    assert lay(VariantSpec("select_fwd", 64, 32, True))["BLOCK_M"] == 32
-    assert lay(VariantSpec("select_fwd", 64, 4, True))["TOKENS_PER_PROGRAM"] == 4
-    assert lay(VariantSpec("select_fwd", 64, 4, True), force_pad=True)["TOKENS_PER_PROGRAM"] == 1
-    assert lay(VariantSpec("select_fwd", 64, 3, True))["TOKENS_PER_PROGRAM"] == 4  # G = 3 pads to 4 rows
-    assert lay(VariantSpec("select_fwd", 8, 16, True))["GATHERED"] is True
-    assert lay(VariantSpec("select_fwd", 8, 16, True))["BLOCK_N"] == (16, 32, 64)
-    assert lay(VariantSpec("select_fwd", 20, 16, True))["BLOCK_N"] == (32,)
+def _layout(block_size, group, **force):
+    return resources.layout(VariantSpec("select_fwd", block_size, group, True), **force)
+
+
+@pytest.mark.parametrize("group,gp,tpp,rows", [(1, 1, 16, 16), (2, 2, 8, 16), (3, 4, 4, 16), (4, 4, 4, 16),
+                                               (8, 8, 2, 16), (16, 16, 1, 16), (32, 32, 1, 32)])
+def test_layout_packs_groups_below_16_into_16_rows(group, gp, tpp, rows):
+    """Rows per token: the group padded to a power of two. Below 16, 16 // GP consecutive tokens share the
+    MMA's 16 rows; a group of 16 or more fills them alone."""
+    lay = _layout(64, group)
+    assert (lay["GP"], lay["TOKENS_PER_PROGRAM"], lay["BLOCK_M"]) == (gp, tpp, rows)
+    assert lay["PADDING_BASELINE"] is False
+
+
+@pytest.mark.parametrize("block_size,lp,tile", [(2, 2, 16), (4, 4, 16), (8, 8, 16), (16, 16, 16), (20, 32, 32),
+                                                (32, 32, 32), (64, 64, 64), (128, 128, 128)])
+def test_layout_key_tiles(block_size, lp, tile):
+    """A selected block, and the causal own block, sit in one key tile of max(16, LP) keys; with one token
+    per program, blocks under 16 keys are gathered several to a tile (any of the supported widths);
+    programs of several tokens never gather."""
+    one_token, packed = _layout(block_size, 16), _layout(block_size, 4)
+    for lay in (one_token, packed):
+        assert (lay["LP"], lay["BLOCK_TILE"], lay["BLOCK_DIAG"]) == (lp, tile, tile)
+    gathered = block_size < 16
+    assert one_token["GATHERED"] is gathered
+    assert one_token["BLOCK_N"] == ((16, 32, 64) if gathered else (tile,))
+    assert packed["GATHERED"] is False and packed["BLOCK_N"] == (tile,)
+
+
+def test_layout_force_options():
+    """force_pad: one token per program, the group padded to 16 rows (so small blocks gather); force_tpp:
+    that many tokens per program, over force_pad too, never gathered. Neither changes the dkv tiling."""
+    default = _layout(8, 4)
+    pad = _layout(8, 4, force_pad=True)
+    assert (pad["TOKENS_PER_PROGRAM"], pad["BLOCK_M"], pad["GATHERED"], pad["PADDING_BASELINE"]) == (1, 16, True, True)
+    assert pad["BLOCK_N"] == (16, 32, 64)
+    assert _layout(64, 16, force_pad=True) == {**_layout(64, 16), "PADDING_BASELINE": True}  # G = 16 pads nothing
+    tpp2 = _layout(64, 16, force_tpp=2)
+    assert (tpp2["TOKENS_PER_PROGRAM"], tpp2["BLOCK_M"], tpp2["GATHERED"]) == (2, 32, False)
+    small = _layout(8, 16, force_tpp=2)
+    assert small["GATHERED"] is False and small["BLOCK_N"] == (16,)
+    assert _layout(8, 2, force_tpp=16)["BLOCK_M"] == 32
+    both = _layout(8, 4, force_pad=True, force_tpp=2)
+    assert (both["TOKENS_PER_PROGRAM"], both["PADDING_BASELINE"]) == (2, True)
+    dkv = [k for k in default if k.startswith("DKV_")]
+    for lay in (pad, both):
+        assert {k: lay[k] for k in dkv} == {k: default[k] for k in dkv}
+
+
+@pytest.mark.parametrize("block_size,group,block_k,tiles,tokens,segment", [
+    (8, 1, 16, 1, 64, 4096), (20, 3, 32, 1, 16, 1024), (64, 4, 64, 1, 16, 1024), (128, 16, 64, 2, 4, 256),
+    (64, 32, 64, 1, 2, 128), (16, 128, 16, 1, 1, 32)])
+def test_layout_dkv_tiling(block_size, group, block_k, tiles, tokens, segment):
+    """dkv_kernel: key tiles of at most 64 keys, whole groups gathered to 64 or more rows per step, segments
+    of about 4096 rows."""
+    lay = resources.layout(VariantSpec("select_bwd", block_size, group, False))
+    assert (lay["DKV_BLOCK_K"], lay["DKV_KEY_TILES"], lay["DKV_TOKENS"], lay["DKV_SEGMENT"]) == (
+        block_k, tiles, tokens, segment)
+    assert lay["DKV_ROWS"] == tokens * lay["GP"] >= 64
+
+
+def test_layout_invariants():
+    """Over block sizes 1..129 and groups 1..39: the tiles hold the block (the dkv key tiles cover exactly
+    the block tile, which its l' mask relies on) and a program's rows are whole groups."""
+    for block_size, group in itertools.product(range(1, 130), range(1, 40)):
+        lay = _layout(block_size, group)
+        assert lay["GP"] >= group and lay["GP"] & (lay["GP"] - 1) == 0
+        assert lay["BLOCK_TILE"] >= lay["LP"] >= block_size and lay["LP"] & (lay["LP"] - 1) == 0
+        assert lay["DKV_BLOCK_K"] * lay["DKV_KEY_TILES"] == lay["BLOCK_TILE"] and lay["DKV_BLOCK_K"] <= 64
+        assert lay["BLOCK_M"] == lay["GP"] * lay["TOKENS_PER_PROGRAM"] >= 16
 
 
 @pytest.mark.parametrize("spec", [VariantSpec("select_fwd", 8, 16, True), VariantSpec("select_bwd", 64, 2, False),
                                   VariantSpec("select_fwd", 20, 3, True), VariantSpec("select_bwd", 128, 32, True)],
                          ids=lambda s: s.name)
-def test_rendered_file_matches_layout_and_records_configs(spec):
+def test_rendered_file_records_configs_and_specializes(spec):
     text = render.render(spec)
-    lay = resources.layout(spec)
-    assert f"BLOCK_M = {lay['BLOCK_M']}\n" in text
-    assert f"TOKENS_PER_PROGRAM = {lay['TOKENS_PER_PROGRAM']}\n" in text
     kept, dropped = resources.tile_configs(spec)
     assert f"# configs kept ({len(kept)}):" in text and f"# configs dropped ({len(dropped)}):" in text
     ns = {}
@@ -80,7 +139,7 @@ def test_rendered_file_matches_layout_and_records_configs(spec):
     assert ns["CONFIGS"] == kept
     # structural specialization: no causal code in non-causal sources, no packing loop with one token
     assert ("own block" in text) == spec.causal
-    assert ("for t in range(" in text) == (lay["TOKENS_PER_PROGRAM"] > 1)
+    assert ("for t in range(" in text) == (resources.layout(spec)["TOKENS_PER_PROGRAM"] > 1)
 
 
 def test_predict_reports_registers():
@@ -98,15 +157,9 @@ def test_unknown_family_is_rejected():
         resources.tile_configs(Fake())
 
 
-@pytest.mark.parametrize("name", ["select_bwd_bs64_g16_causal", "select_bwd_bs8_g4_noncausal",
-                                  "select_bwd_bs128_g1_causal", "select_bwd_bs20_g3_causal"])
-def test_dkv_model_layout_matches_the_rendered_kernel(name):
-    """predict_dkv repeats the template's dkv layout rules (key tile, gathered rows): they must agree."""
-    from nsa_codegen.codegen import cache
-
-    spec = VariantSpec.from_name(name)
-    module = cache.load_variant(spec)
+def test_dkv_shared_memory_by_hand():
+    spec = VariantSpec("select_bwd", 64, 16, True)  # DKV_BLOCK_K = 64 keys, DKV_ROWS = 4 tokens x 16 heads
     pred = resources.predict_dkv(spec, 128, 2, 4, 1)
-    gp = 1 << (spec.group - 1).bit_length()
-    assert pred["DKV_BLOCK_K"] == module.DKV_BLOCK_K
-    assert pred["DKV_ROWS"] == module.DKV_TOKENS * gp
+    assert (pred["DKV_BLOCK_K"], pred["DKV_ROWS"], pred["BLOCK_D"]) == (64, 64, 128)
+    # K, V tiles 64 x 128 x 2 B + 1 stage x (Q, dO rows 64 x 128 x 2 B) + P^T, dS^T 64 x 64 x 2 B
+    assert pred["shared"] == 2 * 64 * 128 * 2 + 2 * 64 * 128 * 2 + 2 * 64 * 64 * 2

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_bwd_g4_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_bwd", "group": 4}
-# template_sha256: 38dc8ff8f54934843b210d17650033c6100eec9cf4cd09b27853996e33280165
+# template_sha256: e61b552a59c64830fe3cf067d7fa093782f03e43e03479c7c2be35a3cc120929
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}

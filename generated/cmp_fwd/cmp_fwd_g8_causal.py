@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: cmp_fwd_g8_causal
 # spec: {"block_size": 0, "causal": true, "family": "cmp_fwd", "group": 8}
-# template_sha256: 736ad2ae48f6db3ded984cc9de60830da6d7e7ecceb0cf4e9e11255bcfae631d
+# template_sha256: 8c10c4fbb71d02e4de5781239965e6a3ea671d36c9e3da53e7807097536fd39e
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}

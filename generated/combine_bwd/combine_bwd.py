@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: combine_bwd
 # spec: {"block_size": 0, "causal": false, "family": "combine_bwd", "group": 1}
-# template_sha256: 3a38ed5cf6d6655bbf41aa4f5ad5b6cf1db7d7b8967257d2a6488a2140e54813
+# template_sha256: 2e115ae53591e998a5380d100ec34114636ea77c673a4a9d1b168989b5dccd76
 # configs kept (5):
 #   {"BLOCK_R": 256, "max_d16": 16, "max_d32": 16, "num_stages": 1, "num_warps": 4}
 #   {"BLOCK_R": 128, "max_d16": 32, "max_d32": 32, "num_stages": 1, "num_warps": 4}

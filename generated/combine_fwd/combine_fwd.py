@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: combine_fwd
 # spec: {"block_size": 0, "causal": false, "family": "combine_fwd", "group": 1}
-# template_sha256: 7e7d12b1119f2455754782f8c937edf1d0f9d3f20941a993cdf59ac337f80624
+# template_sha256: 7a0081474d6706e18318ee1aec05c65fb7f2dd5ea27c0ce9282659d28029cfa2
 # configs kept (5):
 #   {"BLOCK_R": 256, "max_d16": 16, "max_d32": 16, "num_stages": 1, "num_warps": 4}
 #   {"BLOCK_R": 128, "max_d16": 32, "max_d32": 32, "num_stages": 1, "num_warps": 4}

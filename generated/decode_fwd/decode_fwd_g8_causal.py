@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: decode_fwd_g8_causal
 # spec: {"block_size": 0, "causal": true, "family": "decode_fwd", "group": 8}
-# template_sha256: 1e78bc762a1e9012a5e30063f0a4fb5e75a3bd97d9d1e4451a1ef47045c376ea
+# template_sha256: ce1192c70490c4c4a8fb6c5685dd967a2c2685c054f49e7aa89ef08173072f99
 # configs kept (7):
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 32, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_bwd_bs16_g8_causal
 # spec: {"block_size": 16, "causal": true, "family": "select_bwd", "group": 8}
-# template_sha256: 96483709b912ea70f27d6320cbe9cc9552b8c714054341e70f8b24c0e4698bc8
+# template_sha256: d3574977f6910da5335a227eead8d0b2056e002c9ffb5b35a78afd5f286b0463
 # configs kept (6):
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 16, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -120,7 +120,7 @@ def kernel(
     row_t = rows // 8
     offs_n = tl.arange(0, BLOCK_N)
     tile_tok = pid_t * 2 + tl.arange(0, 2)
-    # visit each distinct selected block of the tile once (as in the forward)
+    # visit each distinct selected block of the tile once, in (token, slot) order
     offs_e = tl.arange(0, 2 * KK_PAD)
     e_t = offs_e // KK_PAD
     e_s = offs_e % KK_PAD
@@ -138,12 +138,10 @@ def kernel(
     e_keep = (e_blk >= 0) & (e_seen == 0)
     e_pos = tl.where(e_keep, tl.cumsum(e_keep.to(tl.int32), 0) - 1, -1)
     num_blocks = tl.sum(e_keep.to(tl.int32), 0)
-
     for j in range(num_blocks):
         e_j = tl.sum(tl.where(e_pos == j, offs_e, 0), 0)
         blk = tl.load(IDX + b * stride_ib + (pid_t * 2 + e_j // KK_PAD) * stride_in + hs * stride_ih
                       + (e_j % KK_PAD) * stride_is)
-
         match = row_idx == blk
         row_sel = tl.sum(match.to(tl.int32), 1) > 0
         gate = tl.sum(tl.where(match, row_gate, 0.0), 1)
@@ -158,7 +156,6 @@ def kernel(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot((ds * (gate * scale)[:, None]).to(k.dtype), k)
-
         if HAS_GATES:
             # per token: sum over its heads; each (token, slot) is visited exactly once
             dg_tok = tl.sum(tl.reshape(tl.sum(ds * qk, 1), (2, 8)), 1) * scale
@@ -189,7 +186,6 @@ def kernel(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot((ds * scale).to(k.dtype), k)
-
 
     tl.store(DQ + b * stride_dqb + tok_r * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -254,7 +250,6 @@ def dkv_kernel(
             lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
             delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-
             if HAS_GATES:
                 gate = tl.load(GATES + b * stride_gb + tok * stride_gn + hs * stride_gh + (e % NUM_SEL) * stride_gs,
                                mask=row_ok, other=0.0).to(tl.float32)
@@ -267,7 +262,6 @@ def dkv_kernel(
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans((ds * (gate * scale)[:, None]).to(q.dtype)), q)
-
         if tl.load(seg + 3) != 0:
             # causal own-block queries: tokens blk * 16 + t with key <= token, gate 1; tokens before
             # this key tile see none of its keys
@@ -283,7 +277,6 @@ def dkv_kernel(
                 lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
                 lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
                 delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-
                 s = tl.dot(q, tl.trans(k)) * sm_scale
                 s = tl.where(row_ok[:, None] & col_ok[None, :] & (key[None, :] <= tok[:, None]), s, float("-inf"))
                 p = tl.exp2(s - lse2[:, None])
@@ -291,7 +284,6 @@ def dkv_kernel(
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans((ds * scale).to(q.dtype)), q)
-
         tl.atomic_add(DK + b * stride_dkb + kvh * stride_dkh + key[:, None] * stride_dkn + offs_d[None, :], dk,
                       mask=kv_mask)
         tl.atomic_add(DV + b * stride_dvb + kvh * stride_dvh + key[:, None] * stride_dvn + offs_d[None, :], dv,

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_bwd_bs64_g16_causal
 # spec: {"block_size": 64, "causal": true, "family": "select_bwd", "group": 16}
-# template_sha256: 96483709b912ea70f27d6320cbe9cc9552b8c714054341e70f8b24c0e4698bc8
+# template_sha256: d3574977f6910da5335a227eead8d0b2056e002c9ffb5b35a78afd5f286b0463
 # configs kept (6):
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -114,7 +114,6 @@ def kernel(
         ok = tl.load(val_row + slot * stride_as) != 0
         key = blk * 64 + offs_n
         col_ok = tl.where(ok, key < N, False)  # (interpreter: no scalar & tensor of i1)
-
         if HAS_GATES:
             gate = tl.load(gate_row + slot * stride_gs).to(tl.float32)
         else:
@@ -128,7 +127,6 @@ def kernel(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot((ds * (gate * scale)).to(k.dtype), k)
-
         if HAS_GATES:
             tl.store(dg_row + slot * stride_dgs, tl.sum(tl.sum(ds * qk, 1)) * scale)
 
@@ -144,7 +142,6 @@ def kernel(
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     dq += tl.dot((ds * scale).to(k.dtype), k)
-
 
     tl.store(DQ + b * stride_dqb + tok_r * stride_dqn + head[:, None] * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -209,7 +206,6 @@ def dkv_kernel(
             lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
             delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-
             if HAS_GATES:
                 gate = tl.load(GATES + b * stride_gb + tok * stride_gn + hs * stride_gh + (e % NUM_SEL) * stride_gs,
                                mask=row_ok, other=0.0).to(tl.float32)
@@ -222,7 +218,6 @@ def dkv_kernel(
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans((ds * (gate * scale)[:, None]).to(q.dtype)), q)
-
         if tl.load(seg + 3) != 0:
             # causal own-block queries: tokens blk * 64 + t with key <= token, gate 1; tokens before
             # this key tile see none of its keys
@@ -238,7 +233,6 @@ def dkv_kernel(
                 lse = tl.load(LSE + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
                 lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
                 delta = tl.load(DELTA + b * stride_lb + tok * stride_ln + head * stride_lh, mask=row_ok, other=0.0)
-
                 s = tl.dot(q, tl.trans(k)) * sm_scale
                 s = tl.where(row_ok[:, None] & col_ok[None, :] & (key[None, :] <= tok[:, None]), s, float("-inf"))
                 p = tl.exp2(s - lse2[:, None])
@@ -246,7 +240,6 @@ def dkv_kernel(
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans((ds * scale).to(q.dtype)), q)
-
         tl.atomic_add(DK + b * stride_dkb + kvh * stride_dkh + key[:, None] * stride_dkn + offs_d[None, :], dk,
                       mask=kv_mask)
         tl.atomic_add(DV + b * stride_dvb + kvh * stride_dvh + key[:, None] * stride_dvn + offs_d[None, :], dv,

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs128_g16_causal
 # spec: {"block_size": 128, "causal": true, "family": "select_fwd", "group": 16}
-# template_sha256: eb0bc520e5c16cf40df6cd3e0e77e6d684dc6d34755c52f04ef43f91ab504974
+# template_sha256: b701a2b08091158895bc19ca97d4a7daa96749b21ec2a9e9765bfd64dec54891
 # configs kept (2):
 #   {"BLOCK_N": 128, "max_d16": 256, "max_d32": 128, "num_stages": 1, "num_warps": 4}
 #   {"BLOCK_N": 128, "max_d16": 256, "max_d32": 128, "num_stages": 1, "num_warps": 8}
@@ -82,7 +82,6 @@ def kernel(
         ok = tl.load(val_row + slot * stride_as) != 0
         key = blk * 128 + offs_n
         col_ok = tl.where(ok, key < N, False)  # (interpreter: no scalar & tensor of i1)
-
         if HAS_GATES:
             gate = tl.load(gate_row + slot * stride_gs).to(tl.float32)
         else:
@@ -100,7 +99,6 @@ def kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-
     # causal: the own block i // 128, keys own_start .. i, gate 1
     offs_c = tl.arange(0, 128)
     key = (tok // 128) * 128 + offs_c
@@ -117,7 +115,6 @@ def kernel(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     m_i = m_new
-
 
     has_key = l_i > 0.0
     l_use = tl.where(has_key, l_i, 1.0)

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs32_g4_causal
 # spec: {"block_size": 32, "causal": true, "family": "select_fwd", "group": 4}
-# template_sha256: eb0bc520e5c16cf40df6cd3e0e77e6d684dc6d34755c52f04ef43f91ab504974
+# template_sha256: b701a2b08091158895bc19ca97d4a7daa96749b21ec2a9e9765bfd64dec54891
 # configs kept (6):
 #   {"BLOCK_N": 32, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 32, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -110,12 +110,10 @@ def kernel(
     e_keep = (e_blk >= 0) & (e_seen == 0)
     e_pos = tl.where(e_keep, tl.cumsum(e_keep.to(tl.int32), 0) - 1, -1)
     num_blocks = tl.sum(e_keep.to(tl.int32), 0)
-
     for j in range(num_blocks):
         e_j = tl.sum(tl.where(e_pos == j, offs_e, 0), 0)
         blk = tl.load(IDX + b * stride_ib + (pid_t * 4 + e_j // KK_PAD) * stride_in + hs * stride_ih
                       + (e_j % KK_PAD) * stride_is)
-
         match = row_idx == blk
         row_sel = tl.sum(match.to(tl.int32), 1) > 0
         gate = tl.sum(tl.where(match, row_gate, 0.0), 1)
@@ -133,7 +131,6 @@ def kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-
 
     # causal: the own block i // 32, keys own_start .. i, gate 1
     # keys of the tile's own blocks, from the first token's block start to the last token
@@ -157,7 +154,6 @@ def kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-
 
     has_key = l_i > 0.0
     l_use = tl.where(has_key, l_i, 1.0)

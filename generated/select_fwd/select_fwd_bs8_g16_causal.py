@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: select_fwd_bs8_g16_causal
 # spec: {"block_size": 8, "causal": true, "family": "select_fwd", "group": 16}
-# template_sha256: eb0bc520e5c16cf40df6cd3e0e77e6d684dc6d34755c52f04ef43f91ab504974
+# template_sha256: b701a2b08091158895bc19ca97d4a7daa96749b21ec2a9e9765bfd64dec54891
 # configs kept (18):
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 4}
 #   {"BLOCK_N": 64, "max_d16": 256, "max_d32": 256, "num_stages": 1, "num_warps": 4}
@@ -130,7 +130,6 @@ def kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-
     # causal: the own block i // 8, keys own_start .. i, gate 1
     offs_c = tl.arange(0, 16)
     key = (tok // 8) * 8 + offs_c
@@ -147,7 +146,6 @@ def kernel(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     m_i = m_new
-
 
     has_key = l_i > 0.0
     l_use = tl.where(has_key, l_i, 1.0)

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: topk_bwd_bs16_g1_noncausal
 # spec: {"block_size": 16, "causal": false, "family": "topk_bwd", "group": 1}
-# template_sha256: 924a1341c4c08320caf3116faeed34ceb7ecbd67eaa85f8bbe92da63aa8cb590
+# template_sha256: 2a6dc579255de4b1978115a0863001f1c0a21f0e8768cac6efa3cf4e158f551f
 # configs kept (21):
 #   {"BLOCK_M": 32, "BLOCK_U": 32, "max_d16": 256, "max_d32": 256, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 32, "BLOCK_U": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 4}

@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: topk_fwd_bs64_g16_noncausal
 # spec: {"block_size": 64, "causal": false, "family": "topk_fwd", "group": 16}
-# template_sha256: 5bf374cb22dcd87624ab90e7a488873a2d5a938e435d49f39f2b79268abb968b
+# template_sha256: 4ee2680c7229dcec88ef5d71feaa055d9163257a7dd9a624d015a3ab7a015e14
 # configs kept (23):
 #   {"BLOCK_M": 64, "BLOCK_U": 64, "max_d16": 128, "max_d32": 256, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_U": 64, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 4}

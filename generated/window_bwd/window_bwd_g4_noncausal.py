@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_bwd_g4_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "window_bwd", "group": 4}
-# template_sha256: 27897f0aab45e126baeca2c88932cf71216fba85e6aad200888e2f9859a48fed
+# template_sha256: af5db0fc433f17ab31c3e689ce4d07661ab04df5e1664d4d215e35acbd69a08b
 # configs kept (11):
 #   {"BLOCK_M": 64, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 64, "BLOCK_N": 32, "max_d16": 256, "max_d32": 128, "num_stages": 2, "num_warps": 8}

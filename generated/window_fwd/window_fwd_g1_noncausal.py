@@ -2,7 +2,7 @@
 # change the template and run `make generate`.
 # variant: window_fwd_g1_noncausal
 # spec: {"block_size": 0, "causal": false, "family": "window_fwd", "group": 1}
-# template_sha256: f444fcf0e5589576618c0b4f529fd06b29a5ffa836c3581153ced0632856d1a3
+# template_sha256: 14ba26617638f70a7c752c6f3ba3fae3424512801c4ddd32e709796170d64ffd
 # configs kept (10):
 #   {"BLOCK_M": 128, "BLOCK_N": 64, "max_d16": 64, "max_d32": 64, "num_stages": 2, "num_warps": 8}
 #   {"BLOCK_M": 128, "BLOCK_N": 32, "max_d16": 128, "max_d32": 128, "num_stages": 2, "num_warps": 8}

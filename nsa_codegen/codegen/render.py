@@ -79,9 +79,10 @@ def _tile_configs(spec: VariantSpec) -> tuple[list[dict], list[str]]:
 def render(spec: VariantSpec, **layout_options) -> str:
     """The source of `spec`. A family whose resource model computes a program layout
     (`layout(spec, **layout_options)`: the selected families) renders from it, passed to the template as
-    `layout`; the options (selected families, experiments only): force_pad=True (one token per
-    program, the group padded to 16 rows: the baseline packing must beat) or force_tpp=T (T tokens per
-    program); never part of the grid or the cache. The tile configs stay those the resource model kept for
+    `layout`, the template's only source of layout constants; the options reach the template only
+    through it (selected families, experiments only): force_pad=True (one token per program, the group
+    padded to 16 rows: the baseline packing must beat) or force_tpp=T (T tokens per program); never part
+    of the grid or the cache. The tile configs stay those the resource model kept for
     the default layout (a forced layout with more rows may need fewer stages than the first config has)."""
     configs, dropped = _tile_configs(spec)
     if not configs:
@@ -92,7 +93,6 @@ def render(spec: VariantSpec, **layout_options) -> str:
     model = family_of(spec.family).resource_model()
     if hasattr(model, "layout"):
         context["layout"] = model.layout(spec, **layout_options)
-        context.update(layout_options)
     elif layout_options:
         raise ValueError(f"{spec.family} has no layout options, got {sorted(layout_options)}")
     return template.render(**context)

@@ -62,9 +62,10 @@ def predict_dkv(spec: VariantSpec, head_dim: int, dtype_bytes: int, num_warps: i
 
 
 def layout(spec: VariantSpec, force_pad: bool = False, force_tpp: int | None = None) -> dict:
-    """Program layout of a selected-attention variant, from its structural fields only: the one source
-    the templates render from (render passes it as `layout`), the generated module's constants (so the
-    launchers) and this model read. `force_pad`, `force_tpp`: experiment layouts (render.load_with_layout).
+    """Program layout of a selected-attention variant, from its structural fields only: the one place
+    these rules live. The templates read every layout constant from it (render passes it as `layout`),
+    the generated module's constants come from it (so the launchers read it too), and this model reads
+    it. `force_pad`, `force_tpp`: experiment layouts (render.load_with_layout).
 
       GP                  group size padded to a power of two: MMA rows per query token
       LP                  selection block size l' padded to a power of two
@@ -80,7 +81,8 @@ def layout(spec: VariantSpec, force_pad: bool = False, force_tpp: int | None = N
       PADDING_BASELINE    force_pad
     select_bwd's key-major dkv_kernel (one program: one segment of a key block's entries x one key tile):
       DKV_BLOCK_K         keys per program: min(BLOCK_TILE, 64)
-      DKV_KEY_TILES       programs per key block: ceil(BLOCK_TILE / DKV_BLOCK_K)
+      DKV_KEY_TILES       programs per key block: ceil(BLOCK_TILE / DKV_BLOCK_K); both are powers of two, so
+                          the tiles cover exactly BLOCK_TILE keys
       DKV_TOKENS          (token, slot) entries gathered per step: max(1, 64 // GP), so 64+ rows a step
       DKV_ROWS            rows per step: DKV_TOKENS * GP
       DKV_SEGMENT         entries per program: max(DKV_TOKENS, 4096 // GP), about 4096 rows
