@@ -605,8 +605,8 @@ class LayerParams:
                 self.Pk, self.Pv, self.mem]
 
 
-LAYER_KERNELS = (("compressed", "ops_compressed"), ("topk", "ops_topk"), ("selected", "ops"),
-                 ("sliding", "ops_window"))
+LAYER_KERNELS = (("compressed", "kernels.compressed"), ("topk", "kernels.topk"), ("selected", "kernels.selected"),
+                 ("sliding", "kernels.window"))
 
 
 def layer_kernel_status(bench) -> dict:
