@@ -69,7 +69,7 @@ def merge_into_shipped(entries: dict, gpu: str) -> int:
                 if k in entry}
         shipped[tuning.shipped_key(tuning.TuneKey(**entry["key"]))] = slim
         added += 1
-    path.write_text(json.dumps({"format": tuning.TABLE_FORMAT, "entries": shipped}, indent=1, sort_keys=True)
-                    + "\n")
+    tuning._atomic_write(path, json.dumps({"format": tuning.TABLE_FORMAT, "entries": shipped}, indent=1,
+                                          sort_keys=True) + "\n")
     tuning.reset()
     return added

@@ -1,5 +1,6 @@
 """Helpers shared by the dense-tile kernel tests (sliding window: test_window_kernels.py, compressed
-attention: test_compressed_kernels.py): strided inputs, the exact-delta check of the backward and the
+attention: test_compressed_kernels.py; the launch recorder and the report also by test_combine_kernels.py):
+strided inputs, the launch recorder, the exact-delta check of the backward and the
 GPU lane's error report. The numerics rule and the poison fixture are in conftest.py."""
 from __future__ import annotations
 
@@ -9,6 +10,29 @@ import os
 import torch
 
 from conftest import assert_numerics
+
+
+class LaunchRecorder:
+    """A `wrap` for the launchers' internals that launches normally and keeps (kernel name, kwargs, compiled
+    kernel) of each launch, so a GPU test can read the compiled kernels' registers, spills and shared memory."""
+
+    def __init__(self):
+        self.launched = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    compiled = kernel[grid](*args, **kwargs)
+                    name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
+                    recorder.launched.append((name, kwargs, compiled))
+                    return compiled
+
+                return launch
+
+        return _Grid()
 
 
 def gpu_report(record: dict) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import assert_numerics, interpreter_lane as interpreter
-from dense_kernel_helpers import gpu_report
+from dense_kernel_helpers import LaunchRecorder, gpu_report
 from nsa_codegen import reference
 from nsa_codegen.kernels import combine
 
@@ -368,27 +368,6 @@ def test_gpu_combine_compile_matches_eager():
         torch.testing.assert_close(a, b)
 
 
-class _Recorder:
-    """A `wrap` for the launchers' internals that launches normally and keeps each compiled kernel."""
-
-    def __init__(self):
-        self.launched = []
-
-    def __call__(self, kernel):
-        recorder = self
-
-        class _Grid:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    compiled = kernel[grid](*args, **kwargs)
-                    recorder.launched.append((kwargs, compiled))
-                    return compiled
-
-                return launch
-
-        return _Grid()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -396,10 +375,10 @@ class _Recorder:
 def test_gpu_combine_no_register_spills(d, dtype):
     """The register model (resources/combine.py) against the compiled kernels: no spills at the default tile."""
     o_cmp, o_slc, o_swa, gates, dout = make_inputs(1, 512, 8, d, dtype, "cuda", 5)
-    rec = _Recorder()
+    rec = LaunchRecorder()
     combine._fwd(o_cmp, o_slc, o_swa, gates, rec)
     combine._bwd(o_cmp, o_slc, o_swa, gates, dout, rec)
-    for (kwargs, compiled), name in zip(rec.launched, ("combine_fwd", "combine_bwd")):
+    for (_, kwargs, compiled), name in zip(rec.launched, ("combine_fwd", "combine_bwd")):
         gpu_report({"test": "combine_resources", "kernel": name, "d": d, "dtype": str(dtype),
                     "BLOCK_R": kwargs["BLOCK_R"], "compiled_regs": getattr(compiled, "n_regs", None),
                     "compiled_spills": getattr(compiled, "n_spills", None),

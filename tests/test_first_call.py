@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -88,8 +89,7 @@ def test_merge_into_shipped_keeps_only_that_gpus_entries(tmp_path):
 
 
 def test_the_package_ships_a_readable_table():
-    path = tuning.SHIPPED_NAME
-    data = json.loads((tuning.Path(tuning.__file__).with_name(path)).read_text())
+    data = json.loads(Path(tuning.__file__).with_name(tuning.SHIPPED_NAME).read_text())
     assert data["format"] == tuning.TABLE_FORMAT
     for key, entry in data["entries"].items():
         assert key.count("|") == 4 and "triton" not in key, key

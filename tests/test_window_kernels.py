@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import assert_numerics, interpreter_lane as interpreter
-from dense_kernel_helpers import assert_backward_uses_exact_delta, gpu_report, make_inputs
+from dense_kernel_helpers import LaunchRecorder, assert_backward_uses_exact_delta, gpu_report, make_inputs
 from nsa_codegen import reference
 from nsa_codegen.kernels import window as window_ops  # `window` is the window size in these tests
 
@@ -305,27 +305,6 @@ def test_dense_sources_have_no_dead_branches(family):
         assert "pos = " not in noncausal and "pos[" not in noncausal
 
 
-class _Recorder:
-    """A `wrap` for the launchers' internals that launches normally and keeps each compiled kernel."""
-
-    def __init__(self):
-        self.launched = []
-
-    def __call__(self, kernel):
-        recorder = self
-
-        class _Grid:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    compiled = kernel[grid](*args, **kwargs)
-                    recorder.launched.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), kwargs, compiled))
-                    return compiled
-
-                return launch
-
-        return _Grid()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("d", [64, 128])
@@ -339,7 +318,7 @@ def test_gpu_dense_resource_model_vs_compiled(group, d):
 
     q, k, v, dout = make_inputs(1, 512, 512, 2 * group, 2, d, torch.bfloat16, "cuda", 5)
     runs = []
-    rec = _Recorder()
+    rec = LaunchRecorder()
     out, lse = window_ops._fwd(q, k, v, 64, True, d ** -0.5, 0, rec)
     runs.append((window_ops.variant_specs(q, k, True)[0], list(rec.launched)))
     rec.launched.clear()

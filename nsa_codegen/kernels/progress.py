@@ -41,14 +41,14 @@ def notice_delay() -> float | None:
 
 
 def say_once(tag: str, message: str) -> None:
-    """Print `message` to stderr the first time `tag` is seen in this process (and log it)."""
-    _log.info(message)
-    if notice_delay() is None:
-        return
+    """Print `message` to stderr the first time `tag` is seen in this process (and log it then)."""
     with _lock:
         if tag in _said:
             return
         _said.add(tag)
+    _log.info(message)
+    if notice_delay() is None:
+        return
     print(f"nsa_codegen: {message}", file=sys.stderr, flush=True)
 
 
